@@ -1,0 +1,6 @@
+//! taskworker: consumes time-sensitive jobs and sheds what cannot finish in time.
+//! Everything lives in the library; see `flagshed::worker`.
+
+fn main() -> std::process::ExitCode {
+    flagshed::daemon::main(flagshed::daemon::Role::Worker)
+}

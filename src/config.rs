@@ -1,0 +1,764 @@
+//! The configuration file: raw TOML in, a validated [`Config`] out.
+//!
+//! Loading has two stages. [`RawConfig`] mirrors the file (every key optional, unknown keys
+//! refused); [`Config::from_raw`] checks every value and fills in defaults. Everything past
+//! loading trusts `Config`, and a reload builds a whole new one before anything changes, so a
+//! bad edit can never leave a daemon half-reconfigured.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the daemons look for their configuration unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/flagshed/flagshed.toml";
+
+/// Why a configuration could not be loaded; always names the file and, where there is one,
+/// the key, so an operator can fix it without reading code.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid UTF-8 text.
+    NotUtf8 { path: PathBuf },
+    /// The TOML did not parse, or a key is unknown or of the wrong type.
+    Parse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// A key parsed but its value is not acceptable.
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, source } => {
+                write!(f, "{}: cannot read config file: {source}", path.display())
+            }
+            ConfigError::NotUtf8 { path } => {
+                write!(f, "{}: config file is not valid UTF-8 text", path.display())
+            }
+            ConfigError::Parse { path, key, message } if key.is_empty() || key == "." => {
+                write!(f, "{}: {message}", path.display())
+            }
+            ConfigError::Parse { path, key, message } => {
+                write!(f, "{}: key `{key}`: {message}", path.display())
+            }
+            ConfigError::Invalid { path, key, message } => {
+                write!(f, "{}: key `{key}`: {message}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The file as written: every key optional so that defaults live in one place
+/// ([`Config::from_raw`]), unknown keys refused so that a typo is an error, not a silent default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    broker: RawBroker,
+    #[serde(default)]
+    worker: RawWorker,
+    #[serde(default)]
+    queuer: RawQueuer,
+    #[serde(default)]
+    flags: RawFlags,
+    #[serde(default)]
+    launchdarkly: RawLaunchDarkly,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    url: Option<String>,
+    queue: Option<String>,
+    durable: Option<bool>,
+    queue_type: Option<String>,
+    dead_letter_exchange: Option<String>,
+    max_length: Option<u64>,
+    overflow: Option<String>,
+    heartbeat_secs: Option<u16>,
+    connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    concurrency: Option<u64>,
+    prefetch: Option<u64>,
+    default_work_ms: Option<u64>,
+    default_ttl_ms: Option<u64>,
+    drop_doomed: Option<bool>,
+    shed_action: Option<String>,
+    drain_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueuer {
+    ttl_ms: Option<u64>,
+    work_ms: Option<u64>,
+    persistent: Option<bool>,
+    confirms: Option<bool>,
+    confirm_window: Option<u64>,
+    payload_bytes: Option<u64>,
+    max_jobs: Option<u64>,
+    drain_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlags {
+    file: Option<PathBuf>,
+    file_check_ms: Option<u64>,
+    skip_rate_key: Option<String>,
+    rate_key: Option<String>,
+    skip_rate_fallback: Option<f64>,
+    rate_fallback: Option<f64>,
+    context_kind: Option<String>,
+    context_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLaunchDarkly {
+    sdk_key: Option<String>,
+    stream: Option<bool>,
+    stream_uri: Option<String>,
+    base_uri: Option<String>,
+    poll_interval_secs: Option<u64>,
+    startup_wait_ms: Option<u64>,
+    state_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    stats_interval_ms: Option<u64>,
+}
+
+/// The validated configuration shared by both daemons; each reads the sections it needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The file this came from, kept for reloads and messages.
+    pub path: PathBuf,
+    pub broker: BrokerConfig,
+    pub worker: WorkerConfig,
+    pub queuer: QueuerConfig,
+    pub flags: FlagsConfig,
+    pub launchdarkly: LaunchDarklyConfig,
+    pub log: LogConfig,
+}
+
+/// How to reach RabbitMQ and how the job queue is declared. Both daemons declare the queue
+/// with these same arguments, so either may start first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BrokerConfig {
+    /// `amqp://user:password@host:port/vhost`; never logged whole (it may hold a password).
+    pub url: String,
+    pub queue: String,
+    pub durable: bool,
+    pub queue_type: QueueType,
+    /// Where RabbitMQ sends rejected and expired jobs; `None` discards them.
+    pub dead_letter_exchange: Option<String>,
+    /// Queue length limit; `None` is unbounded.
+    pub max_length: Option<u64>,
+    pub overflow: Overflow,
+    pub heartbeat_secs: u16,
+    pub connect_timeout: Duration,
+}
+
+/// RabbitMQ's `x-queue-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+/// RabbitMQ's `x-overflow`: what a full queue does with a new job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    DropHead,
+    RejectPublish,
+    RejectPublishDlx,
+}
+
+impl Overflow {
+    /// The value RabbitMQ expects in `x-overflow`.
+    pub fn as_amqp(self) -> &'static str {
+        match self {
+            Overflow::DropHead => "drop-head",
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::RejectPublishDlx => "reject-publish-dlx",
+        }
+    }
+}
+
+/// What the worker does with a job it sheds (skipped, expired, doomed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShedAction {
+    /// Reject without requeue, so a dead-letter exchange can keep the job.
+    Reject,
+    /// Acknowledge: the job is gone, counted only in the ledger.
+    Ack,
+}
+
+/// The worker's pool and its shedding policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerConfig {
+    pub concurrency: usize,
+    /// Unacknowledged deliveries the broker may hand over at once.
+    pub prefetch: u16,
+    /// Work assumed for a job without `x-work-ms`: the simulated handler works this long, and
+    /// the doomed check budgets this much.
+    pub default_work_ms: u64,
+    /// Time-to-live for a job without `x-deadline-ms`, counted from `x-created-ms` (or from
+    /// receipt); `None`: such a job has no deadline.
+    pub default_ttl_ms: Option<u64>,
+    /// Drop jobs that can no longer finish before their deadline. Off reproduces the original
+    /// design, where every job waits its turn.
+    pub drop_doomed: bool,
+    pub shed_action: ShedAction,
+    /// How long a drain waits for running jobs before it gives up on them.
+    pub drain_grace: Duration,
+}
+
+/// The queuer's job shape and publishing discipline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueuerConfig {
+    /// Deadline of each job, counted from its creation; also its AMQP `expiration`.
+    pub ttl_ms: u64,
+    /// `x-work-ms` written on each job.
+    pub work_ms: u64,
+    pub persistent: bool,
+    pub confirms: bool,
+    /// Publishes that may await their confirm at once.
+    pub confirm_window: usize,
+    pub payload_bytes: usize,
+    /// Stop after this many published jobs; `None` runs until stopped.
+    pub max_jobs: Option<u64>,
+    /// How long a stop waits for outstanding confirms.
+    pub drain_grace: Duration,
+}
+
+/// Which flags the daemons watch, their fallbacks, and the local flag file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlagsConfig {
+    /// A flag file in LaunchDarkly's file data-source format; `None` without one.
+    pub file: Option<PathBuf>,
+    /// How often the flag file's modification time is checked.
+    pub file_check: Duration,
+    pub skip_rate_key: String,
+    pub rate_key: String,
+    /// Skip rate in percent used until a flag source provides one.
+    pub skip_rate_fallback: f64,
+    /// Publish rate in jobs per second used until a flag source provides one.
+    pub rate_fallback: f64,
+    pub context_kind: String,
+    /// The context key LaunchDarkly rules and rollouts see; defaults to the host name.
+    pub context_key: String,
+}
+
+/// LaunchDarkly's streaming and polling endpoints.
+#[derive(Clone, PartialEq)]
+pub struct LaunchDarklyConfig {
+    /// `None`: LaunchDarkly is not used. Never printed (see the `Debug` impl).
+    pub sdk_key: Option<String>,
+    pub stream: bool,
+    pub stream_uri: String,
+    pub base_uri: String,
+    pub poll_interval: Duration,
+    pub startup_wait: Duration,
+    pub state_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for LaunchDarklyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LaunchDarklyConfig")
+            .field("sdk_key", &self.sdk_key.as_ref().map(|_| "<redacted>"))
+            .field("stream", &self.stream)
+            .field("stream_uri", &self.stream_uri)
+            .field("base_uri", &self.base_uri)
+            .field("poll_interval", &self.poll_interval)
+            .field("startup_wait", &self.startup_wait)
+            .field("state_file", &self.state_file)
+            .finish()
+    }
+}
+
+/// Log level and the period of the stats line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    pub level: log::LevelFilter,
+    pub stats_interval: Duration,
+}
+
+/// LaunchDarkly enforces this floor on polling; asking for less only gets throttled.
+pub const MIN_POLL_INTERVAL_SECS: u64 = 30;
+
+impl Config {
+    /// Reads and validates `path`. Any failure names the file and the key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8 {
+            path: path.to_owned(),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates TOML text as if it had been read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            key: String::new(),
+            message: one_line(&e.to_string()),
+        })?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(deserializer).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                key: e.path().to_string(),
+                message: one_line(e.inner().message()),
+            })?;
+        Config::from_raw(path, raw)
+    }
+
+    /// Checks every value of `raw` and fills in the defaults documented in flagshed.toml(5).
+    pub fn from_raw(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+        let check = Checker { path };
+        let b = raw.broker;
+        let broker = BrokerConfig {
+            url: check.amqp_url("broker.url", b.url)?,
+            queue: check.name("broker.queue", b.queue, "flagshed.jobs")?,
+            durable: b.durable.unwrap_or(true),
+            queue_type: match b.queue_type.as_deref() {
+                None | Some("classic") => QueueType::Classic,
+                Some("quorum") => QueueType::Quorum,
+                Some(other) => {
+                    return Err(check.invalid(
+                        "broker.queue_type",
+                        format!("expected \"classic\" or \"quorum\", got {other:?}"),
+                    ));
+                }
+            },
+            dead_letter_exchange: b.dead_letter_exchange.filter(|s| !s.is_empty()),
+            max_length: b.max_length.filter(|&n| n > 0),
+            overflow: match b.overflow.as_deref() {
+                None | Some("drop-head") => Overflow::DropHead,
+                Some("reject-publish") => Overflow::RejectPublish,
+                Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+                Some(other) => {
+                    return Err(check.invalid(
+                        "broker.overflow",
+                        format!(
+                            "expected \"drop-head\", \"reject-publish\" or \"reject-publish-dlx\", got {other:?}"
+                        ),
+                    ));
+                }
+            },
+            heartbeat_secs: b.heartbeat_secs.unwrap_or(30),
+            connect_timeout: Duration::from_millis(check.range(
+                "broker.connect_timeout_ms",
+                b.connect_timeout_ms,
+                5_000,
+                100..=600_000,
+            )?),
+        };
+        if broker.queue_type == QueueType::Quorum && !broker.durable {
+            return Err(check.invalid(
+                "broker.durable",
+                "quorum queues are always durable; set durable = true".into(),
+            ));
+        }
+
+        let w = raw.worker;
+        let concurrency = check.range("worker.concurrency", w.concurrency, 4, 1..=4096)?;
+        let prefetch = match w.prefetch {
+            None | Some(0) => concurrency,
+            Some(n) => check.range("worker.prefetch", Some(n), 0, 1..=65_535)?,
+        };
+        let worker = WorkerConfig {
+            concurrency: concurrency as usize,
+            prefetch: u16::try_from(prefetch).map_err(|_| {
+                check.invalid(
+                    "worker.prefetch",
+                    format!("{prefetch} is more than 65535 (set prefetch explicitly)"),
+                )
+            })?,
+            default_work_ms: check.range(
+                "worker.default_work_ms",
+                w.default_work_ms,
+                1_000,
+                0..=86_400_000,
+            )?,
+            default_ttl_ms: w.default_ttl_ms.filter(|&n| n > 0),
+            drop_doomed: w.drop_doomed.unwrap_or(true),
+            shed_action: match w.shed_action.as_deref() {
+                None | Some("reject") => ShedAction::Reject,
+                Some("ack") => ShedAction::Ack,
+                Some(other) => {
+                    return Err(check.invalid(
+                        "worker.shed_action",
+                        format!("expected \"reject\" or \"ack\", got {other:?}"),
+                    ));
+                }
+            },
+            drain_grace: Duration::from_millis(check.range(
+                "worker.drain_grace_ms",
+                w.drain_grace_ms,
+                25_000,
+                0..=3_600_000,
+            )?),
+        };
+
+        let q = raw.queuer;
+        let queuer = QueuerConfig {
+            ttl_ms: check.range("queuer.ttl_ms", q.ttl_ms, 5_000, 1..=u32::MAX as u64)?,
+            work_ms: check.range("queuer.work_ms", q.work_ms, 1_000, 0..=86_400_000)?,
+            persistent: q.persistent.unwrap_or(true),
+            confirms: q.confirms.unwrap_or(true),
+            confirm_window: check.range(
+                "queuer.confirm_window",
+                q.confirm_window,
+                1_000,
+                1..=1_000_000,
+            )? as usize,
+            payload_bytes: check.range(
+                "queuer.payload_bytes",
+                q.payload_bytes,
+                100,
+                0..=16 * 1024 * 1024,
+            )? as usize,
+            max_jobs: q.max_jobs.filter(|&n| n > 0),
+            drain_grace: Duration::from_millis(check.range(
+                "queuer.drain_grace_ms",
+                q.drain_grace_ms,
+                10_000,
+                0..=3_600_000,
+            )?),
+        };
+
+        let f = raw.flags;
+        let flags = FlagsConfig {
+            file: f.file.filter(|p| !p.as_os_str().is_empty()),
+            file_check: Duration::from_millis(check.range(
+                "flags.file_check_ms",
+                f.file_check_ms,
+                1_000,
+                10..=3_600_000,
+            )?),
+            skip_rate_key: check.name("flags.skip_rate_key", f.skip_rate_key, "skip-rate")?,
+            rate_key: check.name("flags.rate_key", f.rate_key, "task-rate")?,
+            skip_rate_fallback: check.float(
+                "flags.skip_rate_fallback",
+                f.skip_rate_fallback,
+                0.0,
+                0.0,
+                100.0,
+            )?,
+            rate_fallback: check.float(
+                "flags.rate_fallback",
+                f.rate_fallback,
+                1.0,
+                0.0,
+                crate::flags::MAX_RATE_PER_SEC,
+            )?,
+            context_kind: check.name("flags.context_kind", f.context_kind, "service")?,
+            context_key: match f.context_key.filter(|k| !k.is_empty()) {
+                Some(key) => key,
+                None => host_name(),
+            },
+        };
+        if flags.context_kind == "multi" || flags.context_kind == "kind" {
+            return Err(check.invalid(
+                "flags.context_kind",
+                format!("{:?} is reserved by LaunchDarkly", flags.context_kind),
+            ));
+        }
+
+        let l = raw.launchdarkly;
+        let launchdarkly = LaunchDarklyConfig {
+            sdk_key: l.sdk_key.filter(|k| !k.is_empty()),
+            stream: l.stream.unwrap_or(true),
+            stream_uri: check.http_uri(
+                "launchdarkly.stream_uri",
+                l.stream_uri,
+                "https://stream.launchdarkly.com",
+            )?,
+            base_uri: check.http_uri(
+                "launchdarkly.base_uri",
+                l.base_uri,
+                "https://sdk.launchdarkly.com",
+            )?,
+            poll_interval: Duration::from_secs(check.range(
+                "launchdarkly.poll_interval_secs",
+                l.poll_interval_secs,
+                MIN_POLL_INTERVAL_SECS,
+                MIN_POLL_INTERVAL_SECS..=86_400,
+            )?),
+            startup_wait: Duration::from_millis(check.range(
+                "launchdarkly.startup_wait_ms",
+                l.startup_wait_ms,
+                5_000,
+                0..=600_000,
+            )?),
+            state_file: l.state_file.filter(|p| !p.as_os_str().is_empty()),
+        };
+
+        let lg = raw.log;
+        let log = LogConfig {
+            level: match lg.level.as_deref() {
+                None => log::LevelFilter::Info,
+                Some(text) => text.parse().map_err(|_| {
+                    check.invalid(
+                        "log.level",
+                        format!(
+                            "expected one of off, error, warn, info, debug, trace; got {text:?}"
+                        ),
+                    )
+                })?,
+            },
+            stats_interval: Duration::from_millis(check.range(
+                "log.stats_interval_ms",
+                lg.stats_interval_ms,
+                10_000,
+                100..=86_400_000,
+            )?),
+        };
+
+        Ok(Config {
+            path: path.to_owned(),
+            broker,
+            worker,
+            queuer,
+            flags,
+            launchdarkly,
+            log,
+        })
+    }
+}
+
+/// Turns a multi-line parser message into one log-friendly line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The default context key: the host name, so LaunchDarkly rollouts spread across hosts.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Validation helpers that all produce errors naming the file and key.
+struct Checker<'a> {
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: &'static str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key,
+            message,
+        }
+    }
+
+    fn range(
+        &self,
+        key: &'static str,
+        value: Option<u64>,
+        default: u64,
+        allowed: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let value = value.unwrap_or(default);
+        if allowed.contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.invalid(
+                key,
+                format!(
+                    "expected a whole number from {} to {}, got {value}",
+                    allowed.start(),
+                    allowed.end()
+                ),
+            ))
+        }
+    }
+
+    fn float(
+        &self,
+        key: &'static str,
+        value: Option<f64>,
+        default: f64,
+        min: f64,
+        max: f64,
+    ) -> Result<f64, ConfigError> {
+        let value = value.unwrap_or(default);
+        if value.is_finite() && (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.invalid(
+                key,
+                format!("expected a number from {min} to {max}, got {value}"),
+            ))
+        }
+    }
+
+    fn name(
+        &self,
+        key: &'static str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<String, ConfigError> {
+        let value = value.unwrap_or_else(|| default.to_owned());
+        if value.is_empty() || value.len() > 255 || value.chars().any(char::is_control) {
+            return Err(self.invalid(
+                key,
+                format!("expected 1 to 255 printable characters, got {value:?}"),
+            ));
+        }
+        Ok(value)
+    }
+
+    fn amqp_url(&self, key: &'static str, value: Option<String>) -> Result<String, ConfigError> {
+        let value = value.unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+        crate::broker::BrokerAddress::parse(&value)
+            .map_err(|why| self.invalid(key, why.to_string()))?;
+        Ok(value)
+    }
+
+    fn http_uri(
+        &self,
+        key: &'static str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<String, ConfigError> {
+        let value = value.unwrap_or_else(|| default.to_owned());
+        match url::Url::parse(&value) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
+                Ok(value.trim_end_matches('/').to_owned())
+            }
+            _ => Err(self.invalid(
+                key,
+                format!("expected an http:// or https:// URL, got {value:?}"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/flagshed/test.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let config = parse("").expect("empty config is valid");
+        assert_eq!(config.worker.concurrency, 4);
+        assert_eq!(config.worker.prefetch, 4);
+        assert_eq!(config.worker.default_work_ms, 1_000);
+        assert!(config.worker.drop_doomed);
+        assert_eq!(config.broker.queue, "flagshed.jobs");
+        assert_eq!(config.flags.skip_rate_key, "skip-rate");
+        assert_eq!(config.log.stats_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = parse("[worker]\nconcurency = 3\n").unwrap_err().to_string();
+        assert!(err.contains("/etc/flagshed/test.toml"), "{err}");
+        assert!(err.contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_path() {
+        let err = parse("[worker]\nconcurrency = \"four\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.concurrency"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_the_key() {
+        let err = parse("[worker]\nconcurrency = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.concurrency"), "{err}");
+        assert!(err.contains("got 0"), "{err}");
+    }
+
+    #[test]
+    fn skip_rate_fallback_over_100_is_refused() {
+        let err = parse("[flags]\nskip_rate_fallback = 150.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flags.skip_rate_fallback"), "{err}");
+    }
+
+    #[test]
+    fn poll_interval_below_floor_is_refused() {
+        let err = parse("[launchdarkly]\npoll_interval_secs = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("launchdarkly.poll_interval_secs"), "{err}");
+    }
+
+    #[test]
+    fn bad_broker_url_is_refused_without_echoing_password() {
+        let err = parse("[broker]\nurl = \"http://user:hunter2@host/\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_redacts_sdk_key() {
+        let config = parse("[launchdarkly]\nsdk_key = \"sdk-secret-123\"\n").unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("sdk-secret-123"), "{shown}");
+    }
+
+    #[test]
+    fn syntax_error_is_one_line() {
+        let err = parse("[worker\n").unwrap_err().to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.starts_with("/etc/flagshed/test.toml"), "{err}");
+    }
+}

@@ -1,0 +1,239 @@
+//! What both daemons share around their run loops: startup (arguments, config, logging,
+//! signals, flag source), reload, exit codes, and the flag fields of the stats line.
+//!
+//! `main` in each binary is one call to [`main`], which turns every failure into a message and
+//! an exit code in one place: 0 clean stop, 78 (EX_CONFIG) bad configuration, 1 anything else.
+
+use crate::broker::BrokerError;
+use crate::cli::{self, Command};
+use crate::config::{Config, ConfigError};
+use crate::flags::FlagValues;
+use crate::flags::source::{FlagSource, SourceSettings};
+use crate::handler::SimulatedHandler;
+use crate::notify::Notifier;
+use crate::{logging, queuer, signals, worker};
+use std::fmt;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// sysexits' EX_CONFIG: systemd units list it in `RestartPreventExitStatus=` so a bad config
+/// does not cause a restart loop.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Which daemon this is; also the `role` context attribute flags can target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Worker,
+    Queuer,
+}
+
+impl Role {
+    /// The name used in logs and the flag context.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Queuer => "queuer",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Role::Worker => "taskworker",
+            Role::Queuer => "taskqueuer",
+        }
+    }
+
+    fn summary(self) -> &'static str {
+        match self {
+            Role::Worker => {
+                "consume time-sensitive jobs from RabbitMQ, shedding what cannot finish in time"
+            }
+            Role::Queuer => "publish time-sensitive jobs to RabbitMQ at the rate a flag sets",
+        }
+    }
+}
+
+/// A fatal error in a daemon.
+#[derive(Debug)]
+pub enum DaemonError {
+    Config(ConfigError),
+    Broker(BrokerError),
+    /// A local resource (a thread, a signal handler) could not be set up.
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DaemonError::Config(e) => e.fmt(f),
+            DaemonError::Broker(e) => e.fmt(f),
+            DaemonError::Io { what, source } => write!(f, "{what}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+impl From<BrokerError> for DaemonError {
+    fn from(e: BrokerError) -> Self {
+        DaemonError::Broker(e)
+    }
+}
+
+impl From<ConfigError> for DaemonError {
+    fn from(e: ConfigError) -> Self {
+        DaemonError::Config(e)
+    }
+}
+
+/// The whole of each binary's `main`.
+pub fn main(role: Role) -> ExitCode {
+    let command = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("{}: {e}\nTry '{} --help'.", role.program(), role.program());
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Help => {
+            print!("{}", cli::usage(role.program(), role.summary()));
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("{} {}", role.program(), env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: configuration OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", role.program());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => match Config::load(&config) {
+            Err(e) => {
+                eprintln!("{}: {e}", role.program());
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Ok(config) => {
+                logging::init(config.log.level);
+                match run(role, config) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        log::error!("{e}");
+                        ExitCode::from(match e {
+                            DaemonError::Config(_) => EXIT_CONFIG,
+                            _ => 1,
+                        })
+                    }
+                }
+            }
+        },
+    }
+}
+
+fn run(role: Role, config: Config) -> Result<(), DaemonError> {
+    log::info!(
+        "{} {} starting with {}",
+        role.program(),
+        env!("CARGO_PKG_VERSION"),
+        config.path.display()
+    );
+    let signals = signals::spawn().map_err(|source| DaemonError::Io {
+        what: "installing signal handlers",
+        source,
+    })?;
+    let values = Arc::new(FlagValues::new(
+        config.flags.skip_rate_fallback,
+        config.flags.rate_fallback,
+    ));
+    let flags = FlagSource::spawn(source_settings(&config, role), Arc::clone(&values)).map_err(
+        |source| DaemonError::Io {
+            what: "starting the flag source thread",
+            source,
+        },
+    )?;
+    let notifier = Notifier::from_env();
+    match role {
+        Role::Worker => worker::run(
+            config,
+            worker::WorkerEnv {
+                values,
+                signals,
+                flags: &flags,
+                notifier: &notifier,
+                handler: Arc::new(SimulatedHandler),
+            },
+        )
+        .map(drop),
+        Role::Queuer => queuer::run(
+            config,
+            queuer::QueuerEnv {
+                values,
+                signals,
+                flags: &flags,
+                notifier: &notifier,
+            },
+        )
+        .map(drop),
+    }
+}
+
+/// The flag source's view of the config.
+pub fn source_settings(config: &Config, role: Role) -> SourceSettings {
+    SourceSettings {
+        flags: config.flags.clone(),
+        launchdarkly: config.launchdarkly.clone(),
+        role: role.as_str(),
+        queue: config.broker.queue.clone(),
+    }
+}
+
+/// SIGHUP: loads and validates the whole config file again. If it is invalid, logs why and
+/// returns `None` (the caller keeps the old one). If valid, applies what is common to both
+/// daemons (log level, flag settings), warns about settings that need a restart, and returns
+/// it for the caller to apply its own part.
+pub fn reload(
+    current: &Config,
+    role: Role,
+    flags: &FlagSource,
+    notifier: &Notifier,
+) -> Option<Config> {
+    notifier.reloading();
+    let new = match Config::load(&current.path) {
+        Ok(new) => new,
+        Err(e) => {
+            log::error!("reload refused, still running on the previous configuration: {e}");
+            notifier.ready("reload refused; see log");
+            return None;
+        }
+    };
+    if new.broker != current.broker {
+        log::warn!("broker settings changed; they take effect at the next restart");
+    }
+    let mut new = new;
+    new.broker = current.broker.clone();
+    logging::set_level(new.log.level);
+    flags.reload(source_settings(&new, role));
+    log::info!("configuration reloaded from {}", new.path.display());
+    Some(new)
+}
+
+/// The flag part of the stats line: current values, their origin, the source state and age.
+pub fn flag_fields(values: &FlagValues) -> String {
+    format!(
+        "skip_rate={} rate={} flags={} flag_source={} flags_age_ms={}",
+        values.skip_rate(),
+        values.rate_per_sec(),
+        values.origin().as_str(),
+        values.state().as_str(),
+        values.age_ms()
+    )
+}

@@ -1,0 +1,156 @@
+//! The ledger: where every job ends up, counted.
+//!
+//! Each delivery ends in exactly one [`Outcome`]; the worker's consumer thread (the only
+//! writer) records it when it acks, rejects or requeues the delivery, so the ledger and the
+//! broker never disagree. The stats line and the final line print it as `key=value` pairs
+//! that grep and awk can read.
+
+use std::fmt::{self, Write as _};
+
+/// A job's final state in this worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled and finished before its deadline; acked.
+    Done,
+    /// Handled, but finished after its deadline; acked.
+    Late,
+    /// The handler reported an error; rejected without requeue.
+    Failed,
+    /// Dropped by the skip-rate flag.
+    Skipped,
+    /// Past its deadline when it arrived or was about to start.
+    Expired,
+    /// Could no longer finish before its deadline.
+    Doomed,
+    /// Its metadata could not be read; rejected without requeue.
+    Malformed,
+    /// Handed back to the queue unstarted, on shutdown.
+    Requeued,
+}
+
+impl Outcome {
+    /// Every outcome, in ledger order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Done,
+        Outcome::Late,
+        Outcome::Failed,
+        Outcome::Skipped,
+        Outcome::Expired,
+        Outcome::Doomed,
+        Outcome::Malformed,
+        Outcome::Requeued,
+    ];
+
+    /// The product's word for it, used in logs, stats and docs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Late => "late",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+            Outcome::Expired => "expired",
+            Outcome::Doomed => "doomed",
+            Outcome::Malformed => "malformed",
+            Outcome::Requeued => "requeued",
+        }
+    }
+}
+
+/// The worker's counters, owned by its consumer thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerLedger {
+    /// Deliveries taken from the broker.
+    pub received: u64,
+    counts: [u64; 8],
+    /// Milliseconds of handler work spent on jobs that finished late: work that bought nothing.
+    pub late_work_ms: u64,
+}
+
+impl WorkerLedger {
+    /// Counts one delivery's final state.
+    #[inline]
+    pub fn record(&mut self, outcome: Outcome) {
+        self.counts[outcome as usize] += 1;
+    }
+
+    /// How many deliveries ended in `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.counts[outcome as usize]
+    }
+
+    /// Deliveries that have reached a final state.
+    pub fn settled(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Deliveries received but not yet settled (running, or waiting for a pool thread).
+    pub fn in_flight(&self) -> u64 {
+        self.received - self.settled()
+    }
+
+    /// Appends `received=.. done=.. ... in_flight=..` to `line`.
+    pub fn write_fields(&self, line: &mut String) {
+        let _ = write!(line, "received={}", self.received);
+        for outcome in Outcome::ALL {
+            let _ = write!(line, " {}={}", outcome.as_str(), self.count(outcome));
+        }
+        let _ = write!(
+            line,
+            " in_flight={} late_work_ms={}",
+            self.in_flight(),
+            self.late_work_ms
+        );
+    }
+}
+
+/// The queuer's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueuerLedger {
+    /// Publishes sent to the broker.
+    pub sent: u64,
+    /// Publishes the broker confirmed: the jobs that exist. Without confirms, equal to `sent`.
+    pub published: u64,
+    /// Publishes the broker refused (negative confirm); the job does not exist.
+    pub nacked: u64,
+}
+
+impl QueuerLedger {
+    /// Publishes still awaiting a confirm.
+    pub fn unconfirmed(&self) -> u64 {
+        self.sent - self.published - self.nacked
+    }
+}
+
+impl fmt::Display for QueuerLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sent={} published={} nacked={} unconfirmed={}",
+            self.sent,
+            self.published,
+            self.nacked,
+            self.unconfirmed()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_is_received_minus_settled() {
+        let mut ledger = WorkerLedger {
+            received: 5,
+            ..Default::default()
+        };
+        ledger.record(Outcome::Done);
+        ledger.record(Outcome::Skipped);
+        assert_eq!(ledger.in_flight(), 3);
+        let mut line = String::new();
+        ledger.write_fields(&mut line);
+        assert!(line.contains("received=5 done=1 late=0"), "{line}");
+        assert!(line.contains("skipped=1"), "{line}");
+        assert!(line.contains("in_flight=3"), "{line}");
+    }
+}
