@@ -502,7 +502,10 @@ impl Config {
 
         let l = raw.launchdarkly;
         let launchdarkly = LaunchDarklyConfig {
-            sdk_key: l.sdk_key.filter(|k| !k.is_empty()),
+            sdk_key: l
+                .sdk_key
+                .filter(|k| !k.is_empty())
+                .or_else(sdk_key_from_environment),
             stream: l.stream.unwrap_or(true),
             stream_uri: check.http_uri(
                 "launchdarkly.stream_uri",
@@ -560,6 +563,23 @@ impl Config {
             log,
         })
     }
+}
+
+/// Where an SDK key may come from besides the config file, in order: the environment
+/// variable `LAUNCHDARKLY_SDK_KEY`, then a systemd credential named `sdk-key`
+/// (`LoadCredential=sdk-key:...` puts it in `$CREDENTIALS_DIRECTORY`).
+pub const SDK_KEY_ENV: &str = "LAUNCHDARKLY_SDK_KEY";
+
+/// The systemd credential holding the SDK key.
+pub const SDK_KEY_CREDENTIAL: &str = "sdk-key";
+
+fn sdk_key_from_environment() -> Option<String> {
+    if let Some(key) = std::env::var(SDK_KEY_ENV).ok().filter(|k| !k.trim().is_empty()) {
+        return Some(key.trim().to_owned());
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let key = std::fs::read_to_string(Path::new(&dir).join(SDK_KEY_CREDENTIAL)).ok()?;
+    Some(key.trim().to_owned()).filter(|k| !k.is_empty())
 }
 
 /// Turns a multi-line parser message into one log-friendly line.
