@@ -27,7 +27,7 @@ pub enum BrokerError {
     Amqp {
         endpoint: String,
         step: &'static str,
-        source: amiquip::Error,
+        source: Box<amiquip::Error>,
     },
     /// An established connection or channel went away.
     Lost(String),
@@ -148,7 +148,7 @@ impl Session {
         BrokerError::Amqp {
             endpoint: self.endpoint.clone(),
             step,
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -180,7 +180,7 @@ pub fn connect(config: &BrokerConfig, connection_name: &str) -> Result<Session, 
     let amqp_error = |step, source| BrokerError::Amqp {
         endpoint: endpoint.clone(),
         step,
-        source,
+        source: Box::new(source),
     };
     let mut connection =
         Connection::insecure_open_stream(stream, options, ConnectionTuning::default())

@@ -83,8 +83,9 @@ fn publish_loop(
 
     loop {
         let window = config.queuer.confirm_window as u64;
-        let limit_reached = config.queuer.max_jobs.is_some_and(|max| ledger.sent >= max);
-        if stopping.is_none() && !limit_reached {
+        let max_jobs = config.queuer.max_jobs;
+        let under_limit = |sent: u64| max_jobs.is_none_or(|max| sent < max);
+        if stopping.is_none() && under_limit(ledger.sent) {
             let rate = env.values.rate_per_sec();
             let now = Instant::now();
             let burst = (rate * MAX_BURST.as_secs_f64()).max(1.0);
@@ -92,7 +93,7 @@ fn publish_loop(
             last = now;
             while credit >= 1.0
                 && (!config.queuer.confirms || ledger.unconfirmed() < window)
-                && !config.queuer.max_jobs.is_some_and(|max| ledger.sent >= max)
+                && under_limit(ledger.sent)
             {
                 publisher.publish(session, &config)?;
                 ledger.sent += 1;

@@ -224,14 +224,19 @@ impl ConsumerLoop<'_, '_> {
         task_rx: &Receiver<Task>,
         done_rx: &Receiver<Completion>,
     ) -> Result<(), DaemonError> {
-        let deliveries = self.consumer.receiver();
+        let open_deliveries = self.consumer.receiver();
+        let closed_deliveries = never();
         let mut stats = tick(self.config.log.stats_interval);
         let watchdog = env.notifier.watchdog_interval().map_or_else(never, tick);
         let mut last_stats = (Instant::now(), self.ledger.clone());
         loop {
-            let grace_end = self
-                .draining
-                .map_or_else(never, |end| crossbeam_channel::at(end));
+            // Once the broker confirmed the cancel, amiquip closes the delivery channel.
+            let deliveries = if self.cancelled {
+                &closed_deliveries
+            } else {
+                open_deliveries
+            };
+            let grace_end = self.draining.map_or_else(never, crossbeam_channel::at);
             select! {
                 recv(deliveries) -> message => match message {
                     Ok(ConsumerMessage::Delivery(delivery)) => self.on_delivery(delivery, task_tx)?,

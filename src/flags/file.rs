@@ -137,7 +137,9 @@ mod tests {
     fn flag_values_become_constant_flags() {
         let data = parse_str(r#"{"flagValues": {"skip-rate": 25, "task-rate": 0.5}}"#).unwrap();
         assert_eq!(data.flags.len(), 2);
-        assert!(data.flags["skip-rate"].on);
+        let flag = serde_json::to_value(&data.flags["skip-rate"]).unwrap();
+        assert_eq!(flag["on"], true);
+        assert_eq!(flag["variations"][0], 25);
     }
 
     #[test]

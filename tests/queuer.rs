@@ -1,0 +1,157 @@
+//! taskqueuer against the real RabbitMQ: pacing, the job format on the wire, confirms.
+
+mod support;
+
+use std::time::Duration;
+use support::broker::{TestBroker, header_u64, unique_name};
+use support::daemon::{Bin, Daemon, TempDir, TestConfig, toml_str};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Publishes `max_jobs` at `rate` and returns the jobs as they sit in the queue.
+fn publish(what: &str, rate: &str, max_jobs: u64) -> Vec<amiquip::AmqpProperties> {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name(what);
+    broker.owns_queue(&queue);
+    let dir = TempDir::new(what);
+    let flags = dir.write(
+        "flags.json",
+        &format!(r#"{{"flagValues": {{"task-rate": {rate}}}}}"#),
+    );
+    let config = TestConfig::new(&queue)
+        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .set("queuer", "max_jobs", &max_jobs.to_string())
+        .set("queuer", "ttl_ms", "600000")
+        .set("queuer", "work_ms", "250")
+        .write(&dir, "flagshed.toml");
+    let mut queuer = Daemon::start(Bin::Queuer, &config);
+    let status = queuer.wait_exit(WAIT);
+    assert!(status.success(), "{}", queuer.log());
+    let ledger = queuer.final_ledger();
+    assert_eq!(ledger.get("published"), max_jobs, "{ledger:?}");
+    assert_eq!(ledger.get("unconfirmed"), 0);
+    let jobs = broker.drain(&queue);
+    assert_eq!(
+        jobs.len() as u64,
+        max_jobs,
+        "every confirmed job is in the queue"
+    );
+    jobs
+}
+
+fn created(jobs: &[amiquip::AmqpProperties]) -> Vec<u64> {
+    jobs.iter()
+        .map(|p| header_u64(p, "x-created-ms").expect("x-created-ms"))
+        .collect()
+}
+
+/// At 50 jobs/s, 250 jobs span 249 intervals of 20 ms: 4.98 s, within 10%; and no burst:
+/// no 100 ms window holds more than twice its share.
+#[test]
+fn rate_pacing_is_smooth_and_accurate() {
+    let jobs = publish("pacing", "50", 250);
+    let times = created(&jobs);
+    let span = (times[times.len() - 1] - times[0]) as f64 / 1000.0;
+    assert!(
+        (4.48..=5.48).contains(&span),
+        "250 jobs at 50/s took {span:.2} s"
+    );
+    for (i, &t) in times.iter().enumerate() {
+        let in_window = times[i..].iter().take_while(|&&u| u < t + 100).count();
+        assert!(
+            in_window <= 10,
+            "{in_window} jobs within 100 ms of job {i}: a burst"
+        );
+    }
+}
+
+#[test]
+fn fractional_rate_publishes_slower_than_one_per_second() {
+    let jobs = publish("fractional", "2.5", 6);
+    let times = created(&jobs);
+    let span = (times[5] - times[0]) as f64 / 1000.0;
+    // 5 intervals of 400 ms.
+    assert!(
+        (1.8..=2.4).contains(&span),
+        "6 jobs at 2.5/s took {span:.2} s"
+    );
+}
+
+#[test]
+fn jobs_carry_id_deadline_work_and_expiration() {
+    let jobs = publish("format", "1000", 5);
+    let mut ids = std::collections::HashSet::new();
+    for job in &jobs {
+        let created = header_u64(job, "x-created-ms").expect("x-created-ms");
+        let deadline = header_u64(job, "x-deadline-ms").expect("x-deadline-ms");
+        assert_eq!(deadline - created, 600_000);
+        assert_eq!(header_u64(job, "x-work-ms"), Some(250));
+        assert_eq!(job.expiration().as_deref(), Some("600000"));
+        assert_eq!(*job.delivery_mode(), Some(2));
+        assert!(job.timestamp().is_some());
+        ids.insert(job.message_id().clone().expect("message_id"));
+    }
+    assert_eq!(ids.len(), 5, "job ids are unique");
+}
+
+#[test]
+fn rate_zero_pauses_publishing() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("paused");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("paused");
+    let flags = dir.write("flags.json", r#"{"flagValues": {"task-rate": 0}}"#);
+    let config = TestConfig::new(&queue)
+        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .set("flags", "file_check_ms", "50")
+        .write(&dir, "flagshed.toml");
+    let mut queuer = Daemon::start(Bin::Queuer, &config);
+    // Two stats periods at rate 0: nothing sent.
+    let (i, _) = queuer.wait_for_line_from(0, "stats role=queuer", WAIT);
+    let (_, line) = queuer.wait_for_line_from(i + 1, "stats role=queuer", WAIT);
+    assert!(line.contains(" sent=0 "), "{line}");
+    // The operator raises the rate: publishing starts without a restart.
+    dir.write("flags.json", r#"{"flagValues": {"task-rate": 200}}"#);
+    let mut from = 0;
+    loop {
+        let (i, line) = queuer.wait_for_line_from(from, "stats role=queuer", WAIT);
+        if support::daemon::Ledger::parse(&line).get("published") > 0 {
+            break;
+        }
+        from = i + 1;
+    }
+    queuer.signal(libc::SIGTERM);
+    assert!(queuer.wait_exit(WAIT).success());
+    let ledger = queuer.final_ledger();
+    assert_eq!(ledger.get("unconfirmed"), 0, "stop waits for confirms");
+    assert_eq!(
+        u64::from(broker.ready_count(&queue)),
+        ledger.get("published"),
+        "every confirmed job is in the queue"
+    );
+}
+
+/// Either daemon may start first: both declare the queue with the same arguments.
+#[test]
+fn queue_arguments_agree_between_daemons() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("declare");
+    broker.owns_queue(&queue);
+    let (dlx, _) = broker.dead_letter_pair("declare");
+    let dir = TempDir::new("declare");
+    let flags = dir.write("flags.json", r#"{"flagValues": {"task-rate": 100}}"#);
+    let config = TestConfig::new(&queue)
+        .set("broker", "durable", "true")
+        .set("broker", "dead_letter_exchange", &toml_str(&dlx))
+        .set("broker", "max_length", "1000")
+        .set("broker", "overflow", "\"reject-publish\"")
+        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .set("queuer", "max_jobs", "3")
+        .write(&dir, "flagshed.toml");
+    let mut queuer = Daemon::start(Bin::Queuer, &config);
+    assert!(queuer.wait_exit(WAIT).success(), "{}", queuer.log());
+    let mut worker = Daemon::start(Bin::Worker, &config);
+    worker.wait_for_line("consuming from queue", WAIT);
+    worker.signal(libc::SIGTERM);
+    assert!(worker.wait_exit(WAIT).success(), "{}", worker.log());
+}

@@ -1,0 +1,295 @@
+//! The daemons as real processes: a temporary config, a spawned binary whose log lines the
+//! test can wait for, signals, and the final ledger line parsed into numbers.
+
+use crossbeam_channel::{Receiver, unbounded};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A directory removed when the test ends.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        let path = std::env::temp_dir().join(super::broker::unique_name(what));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `contents` to `name` in this directory atomically (temp file + rename), as an
+    /// operator's editor or a deploy tool would.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).expect("write temp file");
+        std::fs::rename(&tmp, &path).expect("rename into place");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A config file under construction: sections of `key = value` (values as TOML literals).
+#[derive(Clone, Debug, Default)]
+pub struct TestConfig {
+    sections: BTreeMap<String, Vec<(String, String)>>,
+}
+
+impl TestConfig {
+    /// A config for `queue` on the test broker, logging stats every 200 ms, no state file.
+    pub fn new(queue: &str) -> TestConfig {
+        TestConfig::default()
+            .set("broker", "url", &toml_str(&super::broker::amqp_url()))
+            .set("broker", "queue", &toml_str(queue))
+            .set("broker", "durable", "false")
+            .set("launchdarkly", "state_file", "\"\"")
+            .set("log", "stats_interval_ms", "200")
+    }
+
+    /// Sets `[section] key = value`; `value` is a TOML literal (`"text"`, `3`, `true`).
+    pub fn set(mut self, section: &str, key: &str, value: &str) -> TestConfig {
+        let entries = self.sections.entry(section.to_owned()).or_default();
+        entries.retain(|(k, _)| k != key);
+        entries.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        for (section, entries) in &self.sections {
+            out.push_str(&format!("[{section}]\n"));
+            for (k, v) in entries {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out
+    }
+
+    /// Writes the config as `name` in `dir`.
+    pub fn write(&self, dir: &TempDir, name: &str) -> PathBuf {
+        dir.write(name, &self.to_toml())
+    }
+}
+
+/// A string as a TOML literal.
+pub fn toml_str(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// Which binary.
+#[derive(Clone, Copy, Debug)]
+pub enum Bin {
+    Worker,
+    Queuer,
+}
+
+impl Bin {
+    fn path(self) -> &'static str {
+        match self {
+            Bin::Worker => env!("CARGO_BIN_EXE_taskworker"),
+            Bin::Queuer => env!("CARGO_BIN_EXE_taskqueuer"),
+        }
+    }
+}
+
+/// A running daemon whose stderr is collected line by line.
+pub struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: Receiver<()>,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    pub fn start(bin: Bin, config: &Path) -> Daemon {
+        Daemon::start_with_env(bin, config, &[])
+    }
+
+    pub fn start_with_env(bin: Bin, config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut command = Command::new(bin.path());
+        command
+            .arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LAUNCHDARKLY_SDK_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn daemon");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, new_line) = unbounded();
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("log lock").push(line);
+                let _ = tx.send(());
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            new_line,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().expect("log lock").join("\n")
+    }
+
+    pub fn line_count(&self) -> usize {
+        self.lines.lock().expect("log lock").len()
+    }
+
+    /// Waits for a line, at or after index `from`, containing `needle`; returns (index, line).
+    /// Panics with the whole log when it does not come within `timeout`.
+    pub fn wait_for_line_from(
+        &self,
+        from: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> (usize, String) {
+        let end = Instant::now() + timeout;
+        loop {
+            {
+                let lines = self.lines.lock().expect("log lock");
+                if let Some((i, line)) = lines
+                    .iter()
+                    .enumerate()
+                    .skip(from)
+                    .find(|(_, l)| l.contains(needle))
+                {
+                    return (i, line.clone());
+                }
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "no log line containing {needle:?} within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            let _ = self
+                .new_line
+                .recv_timeout(left.min(Duration::from_millis(100)));
+        }
+    }
+
+    /// Waits for the first line containing `needle`.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_line_from(0, needle, timeout).1
+    }
+
+    /// Sends a signal (`libc::SIGTERM`, `libc::SIGHUP`, ...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    }
+
+    /// Waits for the process to exit; panics with the log if it does not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(status);
+                // Let the reader thread collect the last lines.
+                let _ = self.new_line.recv_timeout(Duration::from_millis(200));
+                while self.new_line.try_recv().is_ok() {}
+                return status;
+            }
+            if Instant::now() >= end {
+                panic!(
+                    "daemon did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The numbers of the `final role=...` line: every `key=value` whose value is an integer.
+    pub fn final_ledger(&self) -> Ledger {
+        let line = self.wait_for_line("final role=", Duration::from_secs(5));
+        Ledger::parse(&line)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `key=value` fields of a stats or final line.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    pub fields: HashMap<String, String>,
+}
+
+impl Ledger {
+    pub fn parse(line: &str) -> Ledger {
+        let fields = line
+            .split_whitespace()
+            .filter_map(|token| token.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Ledger { fields }
+    }
+
+    /// An integer field; panics naming it when absent.
+    pub fn get(&self, key: &str) -> u64 {
+        self.fields
+            .get(key)
+            .unwrap_or_else(|| panic!("no field {key} in {:?}", self.fields))
+            .parse()
+            .unwrap_or_else(|_| panic!("field {key} is not an integer: {:?}", self.fields))
+    }
+
+    pub fn text(&self, key: &str) -> &str {
+        self.fields.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    /// The worker's settled outcomes, summed.
+    pub fn settled(&self) -> u64 {
+        [
+            "done",
+            "late",
+            "failed",
+            "skipped",
+            "expired",
+            "doomed",
+            "malformed",
+            "requeued",
+        ]
+        .iter()
+        .map(|k| self.get(k))
+        .sum()
+    }
+}
