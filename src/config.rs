@@ -574,7 +574,10 @@ pub const SDK_KEY_ENV: &str = "LAUNCHDARKLY_SDK_KEY";
 pub const SDK_KEY_CREDENTIAL: &str = "sdk-key";
 
 fn sdk_key_from_environment() -> Option<String> {
-    if let Some(key) = std::env::var(SDK_KEY_ENV).ok().filter(|k| !k.trim().is_empty()) {
+    if let Some(key) = std::env::var(SDK_KEY_ENV)
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
         return Some(key.trim().to_owned());
     }
     let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;

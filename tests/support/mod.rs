@@ -1,0 +1,6 @@
+//! Test support: a real broker with a fresh queue per test, daemons spawned as real processes
+//! with a temporary config, and (for flag tests) a fake LaunchDarkly service.
+#![allow(dead_code)]
+
+pub mod broker;
+pub mod daemon;
