@@ -95,11 +95,22 @@ pub enum Bin {
 }
 
 impl Bin {
-    fn path(self) -> &'static str {
-        match self {
-            Bin::Worker => env!("CARGO_BIN_EXE_taskworker"),
-            Bin::Queuer => env!("CARGO_BIN_EXE_taskqueuer"),
+    /// Cargo names the binaries for tests and benches at compile time; examples (the demo)
+    /// find them beside their own directory, `target/<profile>/`.
+    pub fn path(self) -> PathBuf {
+        let (built, name) = match self {
+            Bin::Worker => (option_env!("CARGO_BIN_EXE_taskworker"), "taskworker"),
+            Bin::Queuer => (option_env!("CARGO_BIN_EXE_taskqueuer"), "taskqueuer"),
+        };
+        if let Some(path) = built {
+            return PathBuf::from(path);
         }
+        let exe = std::env::current_exe().expect("current executable");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("examples live in target/<profile>/examples");
+        profile_dir.join(name)
     }
 }
 
@@ -196,6 +207,12 @@ impl Daemon {
                 .new_line
                 .recv_timeout(left.min(Duration::from_millis(100)));
         }
+    }
+
+    /// The most recent line containing `needle`, if any.
+    pub fn last_line(&self, needle: &str) -> Option<String> {
+        let lines = self.lines.lock().expect("log lock");
+        lines.iter().rev().find(|l| l.contains(needle)).cloned()
     }
 
     /// Waits for the first line containing `needle`.

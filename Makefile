@@ -1,0 +1,35 @@
+# flagshed: the two commands a new user needs are `make demo` and `make test`.
+# Both install and start RabbitMQ when it is missing (scripts/ensure-rabbitmq).
+
+CARGO ?= cargo
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: all release broker demo test lint bench bench-ci clean
+
+all: release
+
+release:
+	$(CARGO) build --release --locked --bins --examples
+
+broker:
+	scripts/ensure-rabbitmq
+
+demo: broker release
+	./target/release/examples/demo
+
+# The test command README.md gives and CI runs. Integration tests talk to the real broker.
+test: broker
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --release --locked --no-fail-fast
+else
+	$(CARGO) test --release --locked --no-fail-fast
+endif
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+clean:
+	$(CARGO) clean
+
+-include mk/install.mk
