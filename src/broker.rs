@@ -163,8 +163,15 @@ impl Session {
     }
 }
 
-/// Connects with `TCP_NODELAY`, opens a channel and declares the job queue.
-pub fn connect(config: &BrokerConfig, connection_name: &str) -> Result<Session, BrokerError> {
+/// Connects with `TCP_NODELAY`, opens a channel and declares the job queue. `program` names
+/// the connection in RabbitMQ's management tools, with the queue and the process id, so an
+/// operator can tell the daemons' connections apart.
+pub fn connect(config: &BrokerConfig, program: &str) -> Result<Session, BrokerError> {
+    let connection_name = format!(
+        "{program} queue={} pid={}",
+        config.queue,
+        std::process::id()
+    );
     let address = BrokerAddress::parse(&config.url)?;
     let endpoint = address.to_string();
     let stream = open_tcp(&address, config.connect_timeout)?;
@@ -176,7 +183,7 @@ pub fn connect(config: &BrokerConfig, connection_name: &str) -> Result<Session, 
         .virtual_host(address.vhost.clone())
         .heartbeat(config.heartbeat_secs)
         .connection_timeout(Some(config.connect_timeout))
-        .information(Some(connection_name.to_owned()));
+        .information(Some(connection_name));
     let amqp_error = |step, source| BrokerError::Amqp {
         endpoint: endpoint.clone(),
         step,

@@ -5,6 +5,7 @@
 //! broker never disagree. The stats line and the final line print it as `key=value` pairs
 //! that grep and awk can read.
 
+use crate::histogram::Histogram;
 use std::fmt::{self, Write as _};
 
 /// A job's final state in this worker.
@@ -62,8 +63,15 @@ pub struct WorkerLedger {
     /// Deliveries taken from the broker.
     pub received: u64,
     counts: [u64; 8],
+    /// Deliveries that were never settled because their channel closed first; the broker puts
+    /// them back in the queue.
+    pub returned: u64,
     /// Milliseconds of handler work spent on jobs that finished late: work that bought nothing.
     pub late_work_ms: u64,
+    /// Queue wait (enqueue to start) of jobs that ran.
+    pub wait_ms: Histogram,
+    /// Time to spare (deadline minus finish) of jobs that finished on time.
+    pub slack_ms: Histogram,
 }
 
 impl WorkerLedger {
@@ -85,7 +93,7 @@ impl WorkerLedger {
 
     /// Deliveries received but not yet settled (running, or waiting for a pool thread).
     pub fn in_flight(&self) -> u64 {
-        self.received - self.settled()
+        self.received - self.settled() - self.returned
     }
 
     /// Appends `received=.. done=.. ... in_flight=..` to `line`.
@@ -96,9 +104,13 @@ impl WorkerLedger {
         }
         let _ = write!(
             line,
-            " in_flight={} late_work_ms={}",
+            " returned={} in_flight={} late_work_ms={} wait_p50_ms={} wait_p99_ms={} slack_p50_ms={}",
+            self.returned,
             self.in_flight(),
-            self.late_work_ms
+            self.late_work_ms,
+            self.wait_ms.quantile(0.5),
+            self.wait_ms.quantile(0.99),
+            self.slack_ms.quantile(0.5)
         );
     }
 }

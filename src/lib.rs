@@ -8,6 +8,7 @@
 //!
 //! See ARCHITECTURE.md for the threads, channels and who owns what.
 
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod clock;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod flags;
 pub mod handler;
+pub mod histogram;
 pub mod job;
 pub mod launchdarkly;
 pub mod ledger;

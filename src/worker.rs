@@ -9,8 +9,15 @@
 //!
 //! Prefetch bounds the deliveries held here, so a backlog stays in the broker, where
 //! operators can see it, not in this process's memory.
+//!
+//! When the connection is lost the loop reconnects with backoff and resumes consuming. The
+//! deliveries it held belong to the dead channel: their tags mean nothing on a new one, so
+//! they are never acked; the broker puts them back in the queue and the ledger counts them as
+//! `returned`. Each connection has a generation number that tasks carry, so a job that was
+//! running across a reconnect is recognised when it completes.
 
-use crate::broker::{self, BrokerError, Session};
+use crate::backoff::Backoff;
+use crate::broker::{self, Session};
 use crate::clock::now_ms;
 use crate::config::{Config, ShedAction};
 use crate::daemon::{self, DaemonError, Role};
@@ -28,8 +35,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Reconnection schedule for the broker: quick first retries so a restarted broker is used
+/// again within seconds, capped low because only our own broker is at stake.
+const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_RESET_AFTER: Duration = Duration::from_secs(30);
+
 /// A job handed to the pool.
 struct Task {
+    generation: u64,
     tag: u64,
     meta: JobMeta,
     drop_doomed: bool,
@@ -38,10 +52,15 @@ struct Task {
 
 /// A pool thread's report on one task.
 struct Completion {
+    generation: u64,
     tag: u64,
     outcome: Outcome,
     /// Handler time spent, for the late-work counter.
     worked_ms: u64,
+    /// Enqueue to start, for jobs that ran.
+    wait_ms: Option<u64>,
+    /// Deadline minus finish, for jobs that finished on time with a deadline.
+    slack_ms: Option<u64>,
 }
 
 /// The parts of the config the consumer thread applies per delivery; replaced on reload.
@@ -74,61 +93,86 @@ pub struct WorkerEnv<'a> {
     pub handler: Arc<dyn Handler>,
 }
 
-/// Connects, consumes until told to stop, drains, and returns the final ledger.
-pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonError> {
-    let session = broker::connect(&config.broker, "taskworker")?;
-    let result = consume(&session, config, &env);
-    session.close();
-    result
+/// Why one pass of the loop ended.
+enum LoopEnd {
+    /// Stop: drained, or told to stop at once.
+    Stop,
+    /// The connection or channel went away; reconnect.
+    Lost(String),
+    /// The reconnect delay is over; try to connect.
+    Retry,
 }
 
-fn consume(
-    session: &Session,
-    config: Config,
-    env: &WorkerEnv<'_>,
-) -> Result<WorkerLedger, DaemonError> {
+/// Consumes until told to stop, reconnecting as needed; drains; returns the final ledger.
+pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonError> {
     let prefetch = config.worker.prefetch;
-    session
-        .channel
-        .qos(0, prefetch, false)
-        .map_err(|e| session.error("setting prefetch", e))?;
-    let consumer = session
-        .channel
-        .basic_consume(config.broker.queue.clone(), ConsumerOptions::default())
-        .map_err(|e| session.error("starting the consumer", e))?;
-
     let (task_tx, task_rx) = bounded::<Task>(usize::from(prefetch));
     let (done_tx, done_rx) = unbounded::<Completion>();
     let pool = start_pool(config.worker.concurrency, &task_rx, &done_tx, &env.handler)?;
     drop(done_tx);
 
-    log::info!(
-        "consuming from queue {:?} at {} (concurrency {}, prefetch {})",
-        config.broker.queue,
-        session.endpoint,
-        config.worker.concurrency,
-        prefetch
-    );
-    env.notifier
-        .ready(&format!("consuming from {}", config.broker.queue));
-
-    let mut state = ConsumerLoop {
+    let mut worker = Worker {
         policy: Policy::from_config(&config),
+        stats: tick(config.log.stats_interval),
         config,
-        consumer: &consumer,
-        values: &env.values,
+        env: &env,
+        task_tx,
+        task_rx,
+        done_rx,
+        generation: 0,
         pending: HashMap::with_capacity(usize::from(prefetch)),
+        stale_running: 0,
         ledger: WorkerLedger::default(),
         draining: None,
         cancelled: false,
+        ready_sent: false,
+        broker_down: None,
+        last_stats: (Instant::now(), WorkerLedger::default()),
         malformed_warned_at: None,
         malformed_unwarned: 0,
     };
-    let result = state.run(env, &task_tx, &task_rx, &done_rx);
+    let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_RESET_AFTER);
+    let result = loop {
+        let connected_at = Instant::now();
+        let end = match broker::connect(&worker.config.broker, "taskworker") {
+            Ok(session) => {
+                let end = worker.consume(&session);
+                session.close();
+                backoff.connection_ended(connected_at.elapsed());
+                end
+            }
+            Err(e) => Ok(LoopEnd::Lost(e.to_string())),
+        };
+        match end {
+            Ok(LoopEnd::Stop) => break Ok(()),
+            Err(e) => break Err(e),
+            Ok(LoopEnd::Lost(reason)) => {
+                worker.forget_connection(&reason);
+                if worker.draining.is_some() {
+                    // Stopping anyway: the broker has the unsettled jobs back.
+                    break Ok(());
+                }
+                match worker.pass(None, Some(Instant::now() + backoff.next_delay())) {
+                    Ok(LoopEnd::Retry) => {}
+                    Ok(LoopEnd::Stop) => break Ok(()),
+                    Ok(LoopEnd::Lost(_)) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            Ok(LoopEnd::Retry) => {}
+        }
+    };
+
+    let Worker {
+        ledger,
+        pending,
+        stale_running,
+        task_tx,
+        ..
+    } = worker;
     drop(task_tx);
-    let abandoned = state.pending.len();
-    let ledger = state.ledger.clone();
-    if result.is_ok() && abandoned == 0 {
+    let abandoned = pending.len() as u64 + stale_running;
+    if abandoned == 0 {
         for thread in pool {
             let _ = thread.join();
         }
@@ -137,7 +181,7 @@ fn consume(
     ledger.write_fields(&mut line);
     line.push_str(&format!(
         " returned_unacked={abandoned} balanced={}",
-        ledger.received == ledger.settled() + abandoned as u64
+        ledger.received == ledger.settled() + ledger.returned + abandoned
     ));
     log::info!("{line}");
     result.map(|()| ledger)
@@ -168,131 +212,237 @@ fn start_pool(
 /// Takes tasks until the consumer thread drops the sender.
 fn pool_thread(tasks: &Receiver<Task>, done: &Sender<Completion>, handler: &dyn Handler) {
     for task in tasks {
-        let started_ms = now_ms();
-        let (outcome, worked_ms) = match shed::at_start(&task.meta, started_ms, task.drop_doomed) {
-            Verdict::Expired => (Outcome::Expired, 0),
-            Verdict::Doomed => (Outcome::Doomed, 0),
-            Verdict::Run | Verdict::Skipped => {
-                let result = handler.handle(&task.meta, &task.body);
-                let finished_ms = now_ms();
-                let worked = finished_ms.saturating_sub(started_ms);
-                let outcome = match result {
-                    Err(e) => {
-                        log::warn!("job failed: {e}");
-                        Outcome::Failed
-                    }
-                    Ok(()) if task.meta.deadline_ms.is_some_and(|d| finished_ms > d) => {
-                        Outcome::Late
-                    }
-                    Ok(()) => Outcome::Done,
-                };
-                (outcome, worked)
-            }
-        };
-        let completion = Completion {
-            tag: task.tag,
-            outcome,
-            worked_ms,
-        };
+        let completion = run_task(&task, handler);
         if done.send(completion).is_err() {
             break;
         }
     }
 }
 
-struct ConsumerLoop<'c, 'a> {
+/// Checks the deadline once more, then runs the handler.
+fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
+    let started_ms = now_ms();
+    let mut completion = Completion {
+        generation: task.generation,
+        tag: task.tag,
+        outcome: Outcome::Done,
+        worked_ms: 0,
+        wait_ms: None,
+        slack_ms: None,
+    };
+    match shed::at_start(&task.meta, started_ms, task.drop_doomed) {
+        Verdict::Expired => completion.outcome = Outcome::Expired,
+        Verdict::Doomed => completion.outcome = Outcome::Doomed,
+        Verdict::Run | Verdict::Skipped => {
+            let result = handler.handle(&task.meta, &task.body);
+            let finished_ms = now_ms();
+            completion.worked_ms = finished_ms.saturating_sub(started_ms);
+            completion.wait_ms = Some(started_ms.saturating_sub(task.meta.created_ms));
+            completion.outcome = match result {
+                Err(e) => {
+                    log::warn!("job failed: {e}");
+                    Outcome::Failed
+                }
+                Ok(()) => match task.meta.deadline_ms {
+                    Some(deadline) if finished_ms > deadline => Outcome::Late,
+                    Some(deadline) => {
+                        completion.slack_ms = Some(deadline - finished_ms);
+                        Outcome::Done
+                    }
+                    None => Outcome::Done,
+                },
+            };
+        }
+    }
+    completion
+}
+
+/// The consumer thread's state, across connections.
+struct Worker<'e, 'a> {
     config: Config,
     policy: Policy,
-    consumer: &'c Consumer<'a>,
-    values: &'c FlagValues,
-    /// Deliveries handed to the pool and not yet settled, by delivery tag.
+    env: &'e WorkerEnv<'a>,
+    task_tx: Sender<Task>,
+    task_rx: Receiver<Task>,
+    done_rx: Receiver<Completion>,
+    stats: Receiver<Instant>,
+    /// Counts connections; tasks carry it so completions from a dead channel are recognised.
+    generation: u64,
+    /// Deliveries handed to the pool and not yet settled, by delivery tag (this generation).
     pending: HashMap<u64, Delivery>,
+    /// Tasks of earlier generations still running in the pool.
+    stale_running: u64,
     ledger: WorkerLedger,
     /// When draining, the moment the grace period ends.
     draining: Option<Instant>,
     /// Whether the broker confirmed our cancel: no delivery can arrive after that.
     cancelled: bool,
+    ready_sent: bool,
+    /// Since when, and why, the broker is unreachable.
+    broker_down: Option<(Instant, String)>,
+    last_stats: (Instant, WorkerLedger),
     malformed_warned_at: Option<Instant>,
     malformed_unwarned: u64,
 }
 
-impl ConsumerLoop<'_, '_> {
-    fn run(
+impl Worker<'_, '_> {
+    /// Sets up one connection's consumer and runs the loop on it.
+    fn consume(&mut self, session: &Session) -> Result<LoopEnd, DaemonError> {
+        let setup = session
+            .channel
+            .qos(0, self.config.worker.prefetch, false)
+            .map_err(|e| session.error("setting prefetch", e))
+            .and_then(|()| {
+                session
+                    .channel
+                    .basic_consume(self.config.broker.queue.clone(), ConsumerOptions::default())
+                    .map_err(|e| session.error("starting the consumer", e))
+            });
+        let consumer = match setup {
+            Ok(consumer) => consumer,
+            Err(e) => return Ok(LoopEnd::Lost(e.to_string())),
+        };
+        self.generation += 1;
+        self.cancelled = false;
+        match self.broker_down.take() {
+            Some((since, _)) => log::info!(
+                "reconnected to RabbitMQ at {} after {} ms; consuming from {:?}",
+                session.endpoint,
+                since.elapsed().as_millis(),
+                self.config.broker.queue
+            ),
+            None => log::info!(
+                "consuming from queue {:?} at {} (concurrency {}, prefetch {})",
+                self.config.broker.queue,
+                session.endpoint,
+                self.config.worker.concurrency,
+                self.config.worker.prefetch
+            ),
+        }
+        if !self.ready_sent {
+            self.env
+                .notifier
+                .ready(&format!("consuming from {}", self.config.broker.queue));
+            self.ready_sent = true;
+        }
+        self.pass(Some(&consumer), None)
+    }
+
+    /// The deliveries of a dead connection can no longer be settled; the broker requeues them.
+    fn forget_connection(&mut self, reason: &str) {
+        let unstarted = std::iter::from_fn(|| self.task_rx.try_recv().ok()).count() as u64;
+        let running = self.pending.len() as u64 - unstarted;
+        self.ledger.returned += unstarted;
+        self.stale_running += running;
+        self.pending.clear();
+        if self.broker_down.is_none() {
+            if self.generation == 0 {
+                log::error!("{reason}; retrying");
+            } else {
+                log::error!(
+                    "lost RabbitMQ: {reason}; {} unsettled jobs go back to the queue; reconnecting",
+                    unstarted + running
+                );
+            }
+            self.env
+                .notifier
+                .status(&format!("broker unreachable: {reason}; reconnecting"));
+            self.broker_down = Some((Instant::now(), reason.to_owned()));
+        }
+    }
+
+    /// One run of the select loop: on a live consumer, or (with `None`) while waiting to
+    /// reconnect until `retry_at`.
+    fn pass(
         &mut self,
-        env: &WorkerEnv<'_>,
-        task_tx: &Sender<Task>,
-        task_rx: &Receiver<Task>,
-        done_rx: &Receiver<Completion>,
-    ) -> Result<(), DaemonError> {
-        let open_deliveries = self.consumer.receiver();
-        let closed_deliveries = never();
-        let mut stats = tick(self.config.log.stats_interval);
-        let watchdog = env.notifier.watchdog_interval().map_or_else(never, tick);
-        let mut last_stats = (Instant::now(), self.ledger.clone());
+        consumer: Option<&Consumer<'_>>,
+        retry_at: Option<Instant>,
+    ) -> Result<LoopEnd, DaemonError> {
+        let closed = never();
+        let watchdog = self
+            .env
+            .notifier
+            .watchdog_interval()
+            .map_or_else(never, tick);
+        let retry = retry_at.map_or_else(never, crossbeam_channel::at);
         loop {
             // Once the broker confirmed the cancel, amiquip closes the delivery channel.
-            let deliveries = if self.cancelled {
-                &closed_deliveries
-            } else {
-                open_deliveries
+            let deliveries = match consumer {
+                Some(c) if !self.cancelled => c.receiver(),
+                _ => &closed,
             };
             let grace_end = self.draining.map_or_else(never, crossbeam_channel::at);
+            let done_rx = self.done_rx.clone();
+            let signals = self.env.signals.clone();
+            let stats = self.stats.clone();
             select! {
-                recv(deliveries) -> message => match message {
-                    Ok(ConsumerMessage::Delivery(delivery)) => self.on_delivery(delivery, task_tx)?,
-                    Ok(ConsumerMessage::ClientCancelled) => self.cancelled = true,
-                    Ok(other) => return Err(lost(format!("consumer ended: {other:?}"))),
-                    Err(_) => return Err(lost("consumer channel closed".into())),
+                recv(deliveries) -> message => {
+                    let Some(consumer) = consumer else { continue };
+                    match message {
+                        Ok(ConsumerMessage::Delivery(delivery)) => {
+                            if let Err(reason) = self.on_delivery(consumer, delivery) {
+                                return Ok(LoopEnd::Lost(reason));
+                            }
+                        }
+                        Ok(ConsumerMessage::ClientCancelled) => self.cancelled = true,
+                        Ok(other) => return Ok(LoopEnd::Lost(format!("consumer ended: {other:?}"))),
+                        Err(_) => return Ok(LoopEnd::Lost("consumer channel closed".into())),
+                    }
                 },
                 recv(done_rx) -> completion => {
                     if let Ok(completion) = completion {
-                        self.on_completion(completion)?;
-                    }
-                }
-                recv(env.signals) -> signal => match signal {
-                    Ok(Signal::Stop) if self.draining.is_some() => {
-                        log::warn!("second stop signal: stopping now; {} running jobs return to the queue", self.pending.len());
-                        return Ok(());
-                    }
-                    Ok(Signal::Stop) => self.start_drain(env.notifier, task_rx)?,
-                    Ok(Signal::Reload) => {
-                        if let Some(new) = daemon::reload(&self.config, Role::Worker, env.flags, env.notifier) {
-                            self.apply_reload(new);
-                            stats = tick(self.config.log.stats_interval);
-                            env.notifier.ready("reloaded");
+                        if let Err(reason) = self.on_completion(consumer, completion) {
+                            return Ok(LoopEnd::Lost(reason));
                         }
                     }
+                }
+                recv(signals) -> signal => match signal {
+                    Ok(Signal::Stop) if self.draining.is_some() || consumer.is_none() => {
+                        if !self.pending.is_empty() {
+                            log::warn!("stopping now; {} running jobs return to the queue", self.pending.len());
+                        }
+                        return Ok(LoopEnd::Stop);
+                    }
+                    Ok(Signal::Stop) => {
+                        if let Some(consumer) = consumer {
+                            if let Err(reason) = self.start_drain(consumer) {
+                                return Ok(LoopEnd::Lost(reason));
+                            }
+                        }
+                    }
+                    Ok(Signal::Reload) => self.reload(),
                     Err(_) => {}
                 },
                 recv(stats) -> _ => {
-                    let line = self.stats_line(&last_stats);
+                    let line = self.stats_line();
                     log::info!("{line}");
-                    env.notifier.status(&line);
-                    last_stats = (Instant::now(), self.ledger.clone());
+                    self.env.notifier.status(&line);
+                    self.last_stats = (Instant::now(), self.ledger.clone());
                 },
-                recv(watchdog) -> _ => env.notifier.watchdog(),
+                recv(watchdog) -> _ => self.env.notifier.watchdog(),
                 recv(grace_end) -> _ => {
                     log::warn!(
                         "drain grace period over; {} running jobs return to the queue",
                         self.pending.len()
                     );
-                    return Ok(());
+                    return Ok(LoopEnd::Stop);
                 },
+                recv(retry) -> _ => return Ok(LoopEnd::Retry),
             }
             if self.draining.is_some() && self.cancelled && self.pending.is_empty() {
-                return Ok(());
+                return Ok(LoopEnd::Stop);
             }
         }
     }
 
     fn on_delivery(
         &mut self,
+        consumer: &Consumer<'_>,
         mut delivery: Delivery,
-        task_tx: &Sender<Task>,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<(), String> {
         self.ledger.received += 1;
         if self.draining.is_some() {
-            return self.settle(delivery, Outcome::Requeued);
+            return self.settle(consumer, delivery, Outcome::Requeued);
         }
         let now = now_ms();
         let meta = match job::parse(
@@ -304,15 +454,21 @@ impl ConsumerLoop<'_, '_> {
             Ok(meta) => meta,
             Err(why) => {
                 self.warn_malformed(&delivery, &why);
-                return self.settle(delivery, Outcome::Malformed);
+                return self.settle(consumer, delivery, Outcome::Malformed);
             }
         };
-        match shed::at_receipt(&meta, now, self.values.skip_ppm(), self.policy.drop_doomed) {
+        match shed::at_receipt(
+            &meta,
+            now,
+            self.env.values.skip_ppm(),
+            self.policy.drop_doomed,
+        ) {
             Verdict::Run => {
                 let tag = delivery.delivery_tag();
                 let body = std::mem::take(&mut delivery.body);
                 self.pending.insert(tag, delivery);
                 let task = Task {
+                    generation: self.generation,
                     tag,
                     meta,
                     drop_doomed: self.policy.drop_doomed,
@@ -320,22 +476,44 @@ impl ConsumerLoop<'_, '_> {
                 };
                 // Never blocks: the channel holds `prefetch` tasks and the broker sends no more
                 // than `prefetch` unacked deliveries.
-                task_tx
+                self.task_tx
                     .send(task)
-                    .map_err(|_| lost("pool threads are gone".into()))
+                    .map_err(|_| "pool threads are gone".to_owned())
             }
-            Verdict::Expired => self.settle(delivery, Outcome::Expired),
-            Verdict::Doomed => self.settle(delivery, Outcome::Doomed),
-            Verdict::Skipped => self.settle(delivery, Outcome::Skipped),
+            Verdict::Expired => self.settle(consumer, delivery, Outcome::Expired),
+            Verdict::Doomed => self.settle(consumer, delivery, Outcome::Doomed),
+            Verdict::Skipped => self.settle(consumer, delivery, Outcome::Skipped),
         }
     }
 
-    fn on_completion(&mut self, completion: Completion) -> Result<(), DaemonError> {
-        if completion.outcome == Outcome::Late {
-            self.ledger.late_work_ms += completion.worked_ms;
+    fn on_completion(
+        &mut self,
+        consumer: Option<&Consumer<'_>>,
+        completion: Completion,
+    ) -> Result<(), String> {
+        if completion.generation != self.generation || consumer.is_none() {
+            // Its channel is gone; the broker has already put the job back in the queue.
+            self.stale_running = self.stale_running.saturating_sub(1);
+            self.ledger.returned += 1;
+            return Ok(());
+        }
+        let Some(consumer) = consumer else {
+            return Ok(());
+        };
+        match completion.outcome {
+            Outcome::Late => self.ledger.late_work_ms += completion.worked_ms,
+            Outcome::Done => {
+                if let Some(slack) = completion.slack_ms {
+                    self.ledger.slack_ms.record(slack);
+                }
+            }
+            _ => {}
+        }
+        if let Some(wait) = completion.wait_ms {
+            self.ledger.wait_ms.record(wait);
         }
         match self.pending.remove(&completion.tag) {
-            Some(delivery) => self.settle(delivery, completion.outcome),
+            Some(delivery) => self.settle(consumer, delivery, completion.outcome),
             None => {
                 // Only possible if a tag were settled twice: a bug, never input.
                 log::error!("completion for unknown delivery tag {}", completion.tag);
@@ -345,21 +523,34 @@ impl ConsumerLoop<'_, '_> {
     }
 
     /// Acks, rejects or requeues one delivery, then records its outcome.
-    fn settle(&mut self, delivery: Delivery, outcome: Outcome) -> Result<(), DaemonError> {
+    fn settle(
+        &mut self,
+        consumer: &Consumer<'_>,
+        delivery: Delivery,
+        outcome: Outcome,
+    ) -> Result<(), String> {
         let result = match outcome {
-            Outcome::Done | Outcome::Late => self.consumer.ack(delivery),
-            Outcome::Failed | Outcome::Malformed => self.consumer.reject(delivery, false),
+            Outcome::Done | Outcome::Late => consumer.ack(delivery),
+            Outcome::Failed | Outcome::Malformed => consumer.reject(delivery, false),
             Outcome::Skipped | Outcome::Expired | Outcome::Doomed => {
                 match self.policy.shed_action {
-                    ShedAction::Ack => self.consumer.ack(delivery),
-                    ShedAction::Reject => self.consumer.reject(delivery, false),
+                    ShedAction::Ack => consumer.ack(delivery),
+                    ShedAction::Reject => consumer.reject(delivery, false),
                 }
             }
-            Outcome::Requeued => self.consumer.reject(delivery, true),
+            Outcome::Requeued => consumer.reject(delivery, true),
         };
-        result.map_err(|e| lost(format!("settling a delivery: {e}")))?;
-        self.ledger.record(outcome);
-        Ok(())
+        match result {
+            Ok(()) => {
+                self.ledger.record(outcome);
+                Ok(())
+            }
+            Err(e) => {
+                // The delivery was taken from `pending` already; the broker requeues it.
+                self.ledger.returned += 1;
+                Err(format!("settling a delivery: {e}"))
+            }
+        }
     }
 
     /// One warning per second at most: a producer sending garbage must not flood the journal.
@@ -387,12 +578,8 @@ impl ConsumerLoop<'_, '_> {
     }
 
     /// Stops taking jobs: cancels the consumer and hands unstarted jobs back to the queue.
-    fn start_drain(
-        &mut self,
-        notifier: &Notifier,
-        task_rx: &Receiver<Task>,
-    ) -> Result<(), DaemonError> {
-        notifier.stopping();
+    fn start_drain(&mut self, consumer: &Consumer<'_>) -> Result<(), String> {
+        self.env.notifier.stopping();
         let grace = self.config.worker.drain_grace;
         log::info!(
             "stopping: draining {} jobs (grace {} ms)",
@@ -400,18 +587,26 @@ impl ConsumerLoop<'_, '_> {
             grace.as_millis()
         );
         self.draining = Some(Instant::now() + grace);
-        self.consumer
+        consumer
             .cancel()
-            .map_err(|e| lost(format!("cancelling the consumer: {e}")))?;
-        while let Ok(task) = task_rx.try_recv() {
+            .map_err(|e| format!("cancelling the consumer: {e}"))?;
+        while let Ok(task) = self.task_rx.try_recv() {
             if let Some(delivery) = self.pending.remove(&task.tag) {
-                self.settle(delivery, Outcome::Requeued)?;
+                self.settle(consumer, delivery, Outcome::Requeued)?;
             }
         }
         Ok(())
     }
 
-    fn apply_reload(&mut self, new: Config) {
+    fn reload(&mut self) {
+        let Some(new) = daemon::reload(
+            &self.config,
+            Role::Worker,
+            self.env.flags,
+            self.env.notifier,
+        ) else {
+            return;
+        };
         for (changed, key) in [
             (
                 new.worker.concurrency != self.config.worker.concurrency,
@@ -427,26 +622,32 @@ impl ConsumerLoop<'_, '_> {
             }
         }
         self.policy = Policy::from_config(&new);
+        if new.log.stats_interval != self.config.log.stats_interval {
+            self.stats = tick(new.log.stats_interval);
+        }
         let (concurrency, prefetch) = (self.config.worker.concurrency, self.config.worker.prefetch);
         self.config = new;
         self.config.worker.concurrency = concurrency;
         self.config.worker.prefetch = prefetch;
+        self.env.notifier.ready("reloaded");
     }
 
-    fn stats_line(&self, last: &(Instant, WorkerLedger)) -> String {
-        let elapsed = last.0.elapsed().as_secs_f64().max(1e-3);
+    fn stats_line(&self) -> String {
+        let (since, before) = &self.last_stats;
+        let elapsed = since.elapsed().as_secs_f64().max(1e-3);
         let done_per_sec =
-            (self.ledger.count(Outcome::Done) - last.1.count(Outcome::Done)) as f64 / elapsed;
+            (self.ledger.count(Outcome::Done) - before.count(Outcome::Done)) as f64 / elapsed;
         let mut line = String::from("stats role=worker ");
         self.ledger.write_fields(&mut line);
         line.push_str(&format!(
-            " done_per_sec={done_per_sec:.1} {}",
-            daemon::flag_fields(self.values)
+            " done_per_sec={done_per_sec:.1} broker={} {}",
+            if self.broker_down.is_some() {
+                "down"
+            } else {
+                "up"
+            },
+            daemon::flag_fields(&self.env.values)
         ));
         line
     }
-}
-
-fn lost(reason: String) -> DaemonError {
-    DaemonError::Broker(BrokerError::Lost(reason))
 }

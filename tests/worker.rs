@@ -295,8 +295,10 @@ fn bad_config_is_refused_at_start_naming_file_and_key() {
     assert!(stderr.contains(&config.display().to_string()), "{stderr}");
 }
 
+/// A broker that is not there yet is an error logged once, not once per retry; the worker
+/// keeps trying, reports `broker=down`, and still stops cleanly.
 #[test]
-fn unreachable_broker_is_a_clear_fatal_error() {
+fn unreachable_broker_is_logged_once_and_retried() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
@@ -309,10 +311,21 @@ fn unreachable_broker_is_a_clear_fatal_error() {
         )
         .write(&dir, "flagshed.toml");
     let mut worker = Daemon::start(Bin::Worker, &config);
-    let status = worker.wait_exit(WAIT);
-    assert_eq!(status.code(), Some(1));
+    let (i, _) = worker.wait_for_line_from(0, "broker=down", WAIT);
+    // Several retries happen within a few stats periods (the first delays are sub-second).
+    for _ in 0..4 {
+        worker.wait_for_line_from(i + 1, "broker=down", WAIT);
+    }
+    let (i, _) = worker.wait_for_line_from(i + 1, "stats role=worker", WAIT);
+    worker.wait_for_line_from(i + 1, "stats role=worker", WAIT);
+    worker.signal(libc::SIGTERM);
+    assert!(worker.wait_exit(WAIT).success());
     let log = worker.log();
-    assert!(log.contains("cannot connect to RabbitMQ"), "{log}");
+    assert_eq!(
+        log.matches("cannot connect to RabbitMQ").count(),
+        1,
+        "{log}"
+    );
     assert!(
         !log.contains("secret-pw"),
         "the broker password leaked: {log}"
@@ -380,4 +393,60 @@ fn sigterm_drains_without_losing_a_job() {
         40,
         "acked + left in the queue = published"
     );
+}
+
+/// The broker closes the worker's connection mid-load: the worker reconnects and resumes
+/// within seconds, jobs it held are redelivered (never acked on the new channel), and every
+/// job still ends `done` exactly once.
+#[test]
+fn worker_reconnects_after_the_broker_closes_its_connection() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("reconnect");
+    broker.declare(&queue, amiquip::FieldTable::new());
+    for i in 0..40 {
+        broker.publish(
+            &queue,
+            Some(&format!("job-{i}")),
+            &[("x-work-ms", int(300))],
+            b"",
+        );
+    }
+    let dir = TempDir::new("reconnect");
+    let config = TestConfig::new(&queue)
+        .set("worker", "concurrency", "2")
+        .set("worker", "prefetch", "4")
+        .write(&dir, "flagshed.toml");
+    let mut worker = Daemon::start(Bin::Worker, &config);
+    let mut from = 0;
+    loop {
+        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
+        if support::daemon::Ledger::parse(&line).get("done") >= 4 {
+            break;
+        }
+        from = i + 1;
+    }
+    let closed = support::broker::close_connections_matching(&format!("queue={queue} "));
+    assert_eq!(closed, 1, "one worker connection");
+    worker.wait_for_line("lost RabbitMQ", WAIT);
+    worker.wait_for_line("reconnected to RabbitMQ", WAIT);
+    wait_settled(&worker, 40);
+    let mut from = 0;
+    let stats = loop {
+        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
+        let stats = support::daemon::Ledger::parse(&line);
+        if stats.get("done") == 40 && stats.get("in_flight") == 0 {
+            break stats;
+        }
+        from = i + 1;
+    };
+    assert!(stats.get("returned") > 0, "held jobs went back: {stats:?}");
+    assert_eq!(
+        stats.get("received"),
+        40 + stats.get("returned"),
+        "{stats:?}"
+    );
+    let ledger = stop(&mut worker);
+    assert_eq!(ledger.get("done"), 40);
+    assert_eq!(ledger.text("balanced"), "true");
+    assert_eq!(broker.ready_count(&queue), 0);
 }

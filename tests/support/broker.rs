@@ -198,3 +198,29 @@ pub fn header_u64(properties: &AmqpProperties, name: &str) -> Option<u64> {
 pub fn now_ms() -> u64 {
     flagshed::clock::now_ms()
 }
+
+/// Closes, from the broker's side, every connection whose client properties contain `needle`
+/// (the daemons name theirs `taskworker queue=Q pid=P`); returns how many it closed. This is
+/// what an operator's `rabbitmqctl close_connection` or a broker failover does to a client.
+pub fn close_connections_matching(needle: &str) -> usize {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl must be installed for this test (it comes with rabbitmq-server)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl list_connections failed: {output:?}"
+    );
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let mut closed = 0;
+    for line in listing.lines().filter(|l| l.contains(needle)) {
+        let pid = line.split('\t').next().expect("a pid column");
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by a test"])
+            .status()
+            .expect("run rabbitmqctl close_connection");
+        assert!(status.success(), "close_connection {pid}");
+        closed += 1;
+    }
+    closed
+}
