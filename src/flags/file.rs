@@ -86,9 +86,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<AllData, FlagFileError> {
     let mut data = AllData::default();
     for (key, mut value) in raw.flags {
         if let Some(object) = value.as_object_mut() {
-            object
-                .entry("key")
-                .or_insert_with(|| serde_json::Value::String(key.clone()));
+            fill_flag_defaults(object, &key);
         }
         let flag: Flag = serde_json::from_value(value).map_err(|e| item_error(&key, e))?;
         data.flags.insert(key, flag);
@@ -115,6 +113,24 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<AllData, FlagFileError> {
     Ok(data)
 }
 
+/// Flags written by hand often leave out the empty lists and the key that LaunchDarkly's own
+/// JSON always carries; the evaluation library requires them, so they get their obvious
+/// defaults here.
+fn fill_flag_defaults(object: &mut serde_json::Map<String, serde_json::Value>, key: &str) {
+    use serde_json::Value;
+    object
+        .entry("key")
+        .or_insert_with(|| Value::String(key.to_owned()));
+    object
+        .entry("salt")
+        .or_insert_with(|| Value::String(key.to_owned()));
+    for list in ["targets", "contextTargets", "rules", "prerequisites"] {
+        object
+            .entry(list)
+            .or_insert_with(|| Value::Array(Vec::new()));
+    }
+}
+
 /// What a `flagValues` entry means in LaunchDarkly's file source: a flag that is on and serves
 /// one value to everyone.
 fn constant_flag(key: &str, value: serde_json::Value) -> Result<Flag, serde_json::Error> {
@@ -139,14 +155,14 @@ mod tests {
         assert_eq!(data.flags.len(), 2);
         let flag = serde_json::to_value(&data.flags["skip-rate"]).unwrap();
         assert_eq!(flag["on"], true);
-        assert_eq!(flag["variations"][0], 25);
+        assert_eq!(flag["variations"][0], 25.0);
     }
 
     #[test]
     fn duplicate_key_is_an_error() {
         let err = parse_str(
-            r#"{"flags": {"a": {"key":"a","on":false,"variations":[1],"offVariation":0,
-                "fallthrough":{"variation":0},"salt":""}}, "flagValues": {"a": 2}}"#,
+            r#"{"flags": {"a": {"on":false,"variations":[1],"offVariation":0,
+                "fallthrough":{"variation":0}}}, "flagValues": {"a": 2}}"#,
         )
         .unwrap_err();
         assert!(matches!(err, FlagFileError::Duplicate { .. }), "{err}");
