@@ -124,12 +124,15 @@ pub struct QueuerLedger {
     pub published: u64,
     /// Publishes the broker refused (negative confirm); the job does not exist.
     pub nacked: u64,
+    /// Publishes whose connection closed before their confirm came: they may or may not be
+    /// in the queue, and are not counted as published.
+    pub lost: u64,
 }
 
 impl QueuerLedger {
     /// Publishes still awaiting a confirm.
     pub fn unconfirmed(&self) -> u64 {
-        self.sent - self.published - self.nacked
+        self.sent - self.published - self.nacked - self.lost
     }
 }
 
@@ -137,10 +140,11 @@ impl fmt::Display for QueuerLedger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "sent={} published={} nacked={} unconfirmed={}",
+            "sent={} published={} nacked={} lost={} unconfirmed={}",
             self.sent,
             self.published,
             self.nacked,
+            self.lost,
             self.unconfirmed()
         )
     }

@@ -5,7 +5,12 @@
 //! at a few milliseconds' worth so a pause or a slow broker never turns into a burst. With
 //! publisher confirms (the default) a job counts as published only once the broker confirms
 //! it, and up to `confirm_window` publishes may await their confirm at once.
+//!
+//! When the connection is lost, the publishes still awaiting a confirm are counted as `lost`
+//! (they may or may not have reached the queue; they are not counted as published and not
+//! sent again), and the loop reconnects with backoff.
 
+use crate::backoff::Backoff;
 use crate::broker::{self, Session};
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -28,6 +33,11 @@ const MAX_PACING_SLEEP: Duration = Duration::from_millis(50);
 /// Credit may build up to this much time's worth of jobs, and no more.
 const MAX_BURST: Duration = Duration::from_millis(10);
 
+/// Reconnection schedule for the broker (as the worker's).
+const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_RESET_AFTER: Duration = Duration::from_secs(30);
+
 /// What the queuer needs from the daemon around it.
 pub struct QueuerEnv<'a> {
     pub values: Arc<FlagValues>,
@@ -36,146 +46,284 @@ pub struct QueuerEnv<'a> {
     pub notifier: &'a Notifier,
 }
 
-/// Connects, publishes until stopped (or `max_jobs`), waits for confirms, returns the ledger.
-pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonError> {
-    let session = broker::connect(&config.broker, "taskqueuer")?;
-    let result = publish_loop(&session, config, &env);
-    session.close();
-    result
+/// Why one pass of the loop ended.
+enum LoopEnd {
+    Stop,
+    Lost(String),
+    Retry,
 }
 
-fn publish_loop(
-    session: &Session,
-    mut config: Config,
-    env: &QueuerEnv<'_>,
-) -> Result<QueuerLedger, DaemonError> {
-    let confirms = if config.queuer.confirms {
-        let rx = session
-            .channel
-            .listen_for_publisher_confirms()
-            .map_err(|e| session.error("listening for confirms", e))?;
-        session
-            .channel
-            .enable_publisher_confirms()
-            .map_err(|e| session.error("enabling publisher confirms", e))?;
-        rx
-    } else {
-        never()
+/// Publishes until stopped (or `max_jobs`), reconnecting as needed; waits for outstanding
+/// confirms; returns the ledger.
+pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonError> {
+    let mut queuer = Queuer {
+        publisher: Publisher::new(&config),
+        stats: tick(config.log.stats_interval),
+        config,
+        env: &env,
+        ledger: QueuerLedger::default(),
+        stopping: None,
+        ready_sent: false,
+        broker_down: None,
+        last_stats: (Instant::now(), 0),
     };
-    log::info!(
-        "publishing to queue {:?} at {} (confirms {})",
-        config.broker.queue,
-        session.endpoint,
-        if config.queuer.confirms { "on" } else { "off" }
-    );
-    env.notifier
-        .ready(&format!("publishing to {}", config.broker.queue));
-
-    let mut publisher = Publisher::new(&config);
-    let mut ledger = QueuerLedger::default();
-    let mut smoother = ConfirmSmoother::new();
-    let mut stats = tick(config.log.stats_interval);
-    let watchdog = env.notifier.watchdog_interval().map_or_else(never, tick);
-    let mut stopping: Option<Instant> = None;
-    let mut credit = 0.0_f64;
-    let mut last = Instant::now();
-    let mut last_stats = (Instant::now(), 0_u64);
-
+    let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_RESET_AFTER);
     loop {
-        let window = config.queuer.confirm_window as u64;
-        let max_jobs = config.queuer.max_jobs;
-        let under_limit = |sent: u64| max_jobs.is_none_or(|max| sent < max);
-        if stopping.is_none() && under_limit(ledger.sent) {
-            let rate = env.values.rate_per_sec();
-            let now = Instant::now();
-            let burst = (rate * MAX_BURST.as_secs_f64()).max(1.0);
-            credit = (credit + rate * now.duration_since(last).as_secs_f64()).min(burst);
-            last = now;
-            while credit >= 1.0
-                && (!config.queuer.confirms || ledger.unconfirmed() < window)
-                && under_limit(ledger.sent)
-            {
-                publisher.publish(session, &config)?;
-                ledger.sent += 1;
-                if !config.queuer.confirms {
-                    ledger.published += 1;
-                }
-                credit -= 1.0;
+        let connected_at = Instant::now();
+        let end = match broker::connect(&queuer.config.broker, "taskqueuer") {
+            Ok(session) => {
+                let end = queuer.publish_on(&session);
+                session.close();
+                backoff.connection_ended(connected_at.elapsed());
+                end
             }
-        }
-        let done_publishing =
-            stopping.is_some() || config.queuer.max_jobs.is_some_and(|max| ledger.sent >= max);
-        if done_publishing && ledger.unconfirmed() == 0 {
-            break;
-        }
-        let wait = if done_publishing {
-            stopping.map_or(MAX_PACING_SLEEP, |end| {
-                end.saturating_duration_since(Instant::now())
-            })
-        } else {
-            let rate = env.values.rate_per_sec();
-            if rate > 0.0 {
-                Duration::from_secs_f64(((1.0 - credit) / rate).max(0.0)).min(MAX_PACING_SLEEP)
-            } else {
-                MAX_PACING_SLEEP
-            }
+            Err(e) => LoopEnd::Lost(e.to_string()),
         };
-        if stopping.is_some_and(|end| Instant::now() >= end) {
-            log::warn!(
-                "stop grace over; {} publishes were never confirmed",
-                ledger.unconfirmed()
-            );
-            break;
-        }
-        select! {
-            recv(confirms) -> confirm => match confirm {
-                Ok(confirm) => {
-                    for one in smoother.process(confirm) {
-                        match one {
-                            Confirm::Ack(_) => ledger.published += 1,
-                            Confirm::Nack(_) => ledger.nacked += 1,
-                        }
-                    }
-                }
-                Err(_) => return Err(DaemonError::Broker(broker::BrokerError::Lost("confirm channel closed".into()))),
-            },
-            recv(env.signals) -> signal => match signal {
-                Ok(Signal::Stop) if stopping.is_some() => {
-                    log::warn!("second stop signal: stopping now");
+        match end {
+            LoopEnd::Stop => break,
+            LoopEnd::Retry => {}
+            LoopEnd::Lost(reason) => {
+                queuer.forget_connection(&reason);
+                if queuer.stopping.is_some() || queuer.limit_reached() {
                     break;
                 }
-                Ok(Signal::Stop) => {
-                    env.notifier.stopping();
-                    log::info!("stopping: waiting for {} confirms", ledger.unconfirmed());
-                    stopping = Some(Instant::now() + config.queuer.drain_grace);
+                let retry_at = Instant::now() + backoff.next_delay();
+                if let LoopEnd::Stop = queuer.pass(None, None, Some(retry_at)) {
+                    break;
                 }
-                Ok(Signal::Reload) => {
-                    if let Some(new) = daemon::reload(&config, Role::Queuer, env.flags, env.notifier) {
-                        config = new;
-                        publisher = Publisher::new(&config);
-                        stats = tick(config.log.stats_interval);
-                        env.notifier.ready("reloaded");
-                    }
-                }
-                Err(_) => {}
-            },
-            recv(stats) -> _ => {
-                let elapsed = last_stats.0.elapsed().as_secs_f64().max(1e-3);
-                let per_sec = (ledger.published - last_stats.1) as f64 / elapsed;
-                let line = format!(
-                    "stats role=queuer {ledger} published_per_sec={per_sec:.1} {}",
-                    daemon::flag_fields(&env.values)
-                );
-                log::info!("{line}");
-                env.notifier.status(&line);
-                last_stats = (Instant::now(), ledger.published);
-            },
-            recv(watchdog) -> _ => env.notifier.watchdog(),
-            default(wait) => {}
+            }
         }
     }
-    log::info!("final role=queuer {ledger}");
-    Ok(ledger)
+    log::info!("final role=queuer {}", queuer.ledger);
+    Ok(queuer.ledger)
+}
+
+/// The publisher thread's state, across connections.
+struct Queuer<'e, 'a> {
+    config: Config,
+    env: &'e QueuerEnv<'a>,
+    publisher: Publisher,
+    ledger: QueuerLedger,
+    stats: Receiver<Instant>,
+    /// When stopping, the moment the wait for confirms ends.
+    stopping: Option<Instant>,
+    ready_sent: bool,
+    broker_down: Option<Instant>,
+    last_stats: (Instant, u64),
+}
+
+impl Queuer<'_, '_> {
+    fn limit_reached(&self) -> bool {
+        self.config
+            .queuer
+            .max_jobs
+            .is_some_and(|max| self.ledger.sent >= max)
+    }
+
+    /// Enables confirms on a new connection and publishes on it.
+    fn publish_on(&mut self, session: &Session) -> LoopEnd {
+        let confirms = if self.config.queuer.confirms {
+            let setup = session
+                .channel
+                .listen_for_publisher_confirms()
+                .map_err(|e| session.error("listening for confirms", e))
+                .and_then(|rx| {
+                    session
+                        .channel
+                        .enable_publisher_confirms()
+                        .map_err(|e| session.error("enabling publisher confirms", e))
+                        .map(|()| rx)
+                });
+            match setup {
+                Ok(rx) => rx,
+                Err(e) => return LoopEnd::Lost(e.to_string()),
+            }
+        } else {
+            never()
+        };
+        match self.broker_down.take() {
+            Some(since) => log::info!(
+                "reconnected to RabbitMQ at {} after {} ms",
+                session.endpoint,
+                since.elapsed().as_millis()
+            ),
+            None => log::info!(
+                "publishing to queue {:?} at {} (confirms {})",
+                self.config.broker.queue,
+                session.endpoint,
+                if self.config.queuer.confirms {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+        }
+        if !self.ready_sent {
+            self.env
+                .notifier
+                .ready(&format!("publishing to {}", self.config.broker.queue));
+            self.ready_sent = true;
+        }
+        self.pass(Some(session), Some(&confirms), None)
+    }
+
+    /// Publishes awaiting a confirm on a dead connection will never be confirmed.
+    fn forget_connection(&mut self, reason: &str) {
+        let unconfirmed = self.ledger.unconfirmed();
+        self.ledger.lost += unconfirmed;
+        if self.broker_down.is_none() {
+            if self.ready_sent {
+                log::error!(
+                    "lost RabbitMQ: {reason}; {unconfirmed} unconfirmed publishes are not counted as published; reconnecting"
+                );
+            } else {
+                log::error!("{reason}; retrying");
+            }
+            self.env
+                .notifier
+                .status(&format!("broker unreachable: {reason}; reconnecting"));
+            self.broker_down = Some(Instant::now());
+        }
+    }
+
+    /// One run of the loop: publishing on `session`, or (with `None`) waiting to reconnect
+    /// until `retry_at`.
+    fn pass(
+        &mut self,
+        session: Option<&Session>,
+        confirms: Option<&Receiver<Confirm>>,
+        retry_at: Option<Instant>,
+    ) -> LoopEnd {
+        let mut smoother = ConfirmSmoother::new();
+        let watchdog = self
+            .env
+            .notifier
+            .watchdog_interval()
+            .map_or_else(never, tick);
+        let retry = retry_at.map_or_else(never, crossbeam_channel::at);
+        let no_confirms = never();
+        let confirms = confirms.unwrap_or(&no_confirms);
+        let mut credit = 0.0_f64;
+        let mut last = Instant::now();
+        loop {
+            if let Some(session) = session {
+                if self.stopping.is_none() {
+                    let rate = self.env.values.rate_per_sec();
+                    let now = Instant::now();
+                    let burst = (rate * MAX_BURST.as_secs_f64()).max(1.0);
+                    credit = (credit + rate * now.duration_since(last).as_secs_f64()).min(burst);
+                    last = now;
+                    while credit >= 1.0 && self.window_open() && !self.limit_reached() {
+                        if let Err(e) = self.publisher.publish(session, &self.config) {
+                            return LoopEnd::Lost(e.to_string());
+                        }
+                        self.ledger.sent += 1;
+                        if !self.config.queuer.confirms {
+                            self.ledger.published += 1;
+                        }
+                        credit -= 1.0;
+                    }
+                }
+                let done_publishing = self.stopping.is_some() || self.limit_reached();
+                if done_publishing && self.ledger.unconfirmed() == 0 {
+                    return LoopEnd::Stop;
+                }
+            }
+            if self.stopping.is_some_and(|end| Instant::now() >= end) {
+                log::warn!(
+                    "stop grace over; {} publishes were never confirmed",
+                    self.ledger.unconfirmed()
+                );
+                return LoopEnd::Stop;
+            }
+            let wait = self.pacing_wait(credit);
+            let signals = self.env.signals.clone();
+            let stats = self.stats.clone();
+            select! {
+                recv(confirms) -> confirm => match confirm {
+                    Ok(confirm) => {
+                        for one in smoother.process(confirm) {
+                            match one {
+                                Confirm::Ack(_) => self.ledger.published += 1,
+                                Confirm::Nack(_) => self.ledger.nacked += 1,
+                            }
+                        }
+                    }
+                    Err(_) => return LoopEnd::Lost("confirm channel closed".into()),
+                },
+                recv(signals) -> signal => match signal {
+                    Ok(Signal::Stop) if self.stopping.is_some() || session.is_none() => {
+                        return LoopEnd::Stop;
+                    }
+                    Ok(Signal::Stop) => {
+                        self.env.notifier.stopping();
+                        log::info!("stopping: waiting for {} confirms", self.ledger.unconfirmed());
+                        self.stopping = Some(Instant::now() + self.config.queuer.drain_grace);
+                    }
+                    Ok(Signal::Reload) => self.reload(),
+                    Err(_) => {}
+                },
+                recv(stats) -> _ => {
+                    let line = self.stats_line();
+                    log::info!("{line}");
+                    self.env.notifier.status(&line);
+                    self.last_stats = (Instant::now(), self.ledger.published);
+                },
+                recv(watchdog) -> _ => self.env.notifier.watchdog(),
+                recv(retry) -> _ => return LoopEnd::Retry,
+                default(wait) => {}
+            }
+        }
+    }
+
+    fn window_open(&self) -> bool {
+        !self.config.queuer.confirms
+            || self.ledger.unconfirmed() < self.config.queuer.confirm_window as u64
+    }
+
+    /// How long to sleep: until the next job is due, but never past [`MAX_PACING_SLEEP`].
+    fn pacing_wait(&self, credit: f64) -> Duration {
+        if let Some(end) = self.stopping {
+            return end.saturating_duration_since(Instant::now());
+        }
+        let rate = self.env.values.rate_per_sec();
+        if rate > 0.0 && !self.limit_reached() {
+            Duration::from_secs_f64(((1.0 - credit) / rate).max(0.0)).min(MAX_PACING_SLEEP)
+        } else {
+            MAX_PACING_SLEEP
+        }
+    }
+
+    fn reload(&mut self) {
+        if let Some(new) = daemon::reload(
+            &self.config,
+            Role::Queuer,
+            self.env.flags,
+            self.env.notifier,
+        ) {
+            if new.log.stats_interval != self.config.log.stats_interval {
+                self.stats = tick(new.log.stats_interval);
+            }
+            self.publisher.reconfigure(&new);
+            self.config = new;
+            self.env.notifier.ready("reloaded");
+        }
+    }
+
+    fn stats_line(&self) -> String {
+        let elapsed = self.last_stats.0.elapsed().as_secs_f64().max(1e-3);
+        let per_sec = (self.ledger.published - self.last_stats.1) as f64 / elapsed;
+        format!(
+            "stats role=queuer {} published_per_sec={per_sec:.1} broker={} {}",
+            self.ledger,
+            if self.broker_down.is_some() {
+                "down"
+            } else {
+                "up"
+            },
+            daemon::flag_fields(&self.env.values)
+        )
+    }
 }
 
 /// Builds and sends jobs; holds what does not change between jobs.
@@ -191,7 +339,7 @@ struct Publisher {
 
 impl Publisher {
     fn new(config: &Config) -> Publisher {
-        Publisher {
+        let mut publisher = Publisher {
             id_prefix: format!(
                 "{}-{}-{:x}",
                 config.flags.context_key,
@@ -199,15 +347,26 @@ impl Publisher {
                 now_ms()
             ),
             seq: 0,
-            body: vec![b'.'; config.queuer.payload_bytes],
-            ttl_ms: config.queuer.ttl_ms,
-            work_ms: config.queuer.work_ms,
-            delivery_mode: if config.queuer.persistent { 2 } else { 1 },
-            expiration: config.queuer.ttl_ms.to_string(),
-        }
+            body: Vec::new(),
+            ttl_ms: 0,
+            work_ms: 0,
+            delivery_mode: 2,
+            expiration: String::new(),
+        };
+        publisher.reconfigure(config);
+        publisher
     }
 
-    fn publish(&mut self, session: &Session, config: &Config) -> Result<(), DaemonError> {
+    /// Applies the job shape from a (re)loaded config; ids keep counting.
+    fn reconfigure(&mut self, config: &Config) {
+        self.body = vec![b'.'; config.queuer.payload_bytes];
+        self.ttl_ms = config.queuer.ttl_ms;
+        self.work_ms = config.queuer.work_ms;
+        self.delivery_mode = if config.queuer.persistent { 2 } else { 1 };
+        self.expiration = config.queuer.ttl_ms.to_string();
+    }
+
+    fn publish(&mut self, session: &Session, config: &Config) -> Result<(), broker::BrokerError> {
         self.seq += 1;
         let created = now_ms();
         let mut headers = FieldTable::new();
@@ -236,7 +395,7 @@ impl Publisher {
                 "",
                 Publish::with_properties(&self.body, config.broker.queue.clone(), properties),
             )
-            .map_err(|e| session.error("publishing", e).into())
+            .map_err(|e| session.error("publishing", e))
     }
 }
 

@@ -155,3 +155,59 @@ fn queue_arguments_agree_between_daemons() {
     worker.signal(libc::SIGTERM);
     assert!(worker.wait_exit(WAIT).success(), "{}", worker.log());
 }
+
+/// The broker closes the queuer's connection mid-run: it reconnects and keeps publishing;
+/// nothing confirmed is published twice, and what was unconfirmed is counted as lost, not as
+/// published.
+#[test]
+fn queuer_reconnects_and_counts_unconfirmed_publishes_as_lost() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("qreconnect");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("qreconnect");
+    let flags = dir.write("flags.json", r#"{"flagValues": {"task-rate": 300}}"#);
+    let config = TestConfig::new(&queue)
+        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .set("queuer", "ttl_ms", "600000")
+        .write(&dir, "flagshed.toml");
+    let mut queuer = Daemon::start(Bin::Queuer, &config);
+    queuer.wait_for_line("publishing to queue", WAIT);
+    let closed = support::broker::close_connections_matching(&format!("queue={queue} "));
+    assert_eq!(closed, 1);
+    let (i, _) = queuer.wait_for_line_from(0, "reconnected to RabbitMQ", WAIT);
+    // Publishing resumes on the new connection.
+    let mut from = i + 1;
+    let before = loop {
+        let (j, line) = queuer.wait_for_line_from(from, "stats role=queuer", WAIT);
+        let stats = support::daemon::Ledger::parse(&line);
+        if stats.text("broker") == "up" {
+            break stats.get("published");
+        }
+        from = j + 1;
+    };
+    loop {
+        let (j, line) = queuer.wait_for_line_from(from, "stats role=queuer", WAIT);
+        if support::daemon::Ledger::parse(&line).get("published") > before + 50 {
+            break;
+        }
+        from = j + 1;
+    }
+    queuer.signal(libc::SIGTERM);
+    assert!(queuer.wait_exit(WAIT).success(), "{}", queuer.log());
+    let ledger = queuer.final_ledger();
+    assert_eq!(ledger.get("unconfirmed"), 0);
+    assert_eq!(
+        ledger.get("sent"),
+        ledger.get("published") + ledger.get("nacked") + ledger.get("lost")
+    );
+    let jobs = broker.drain(&queue);
+    let ids: std::collections::HashSet<_> = jobs.iter().map(|p| p.message_id().clone()).collect();
+    assert_eq!(ids.len(), jobs.len(), "no job was published twice");
+    let published = ledger.get("published") as usize;
+    assert!(
+        jobs.len() >= published && jobs.len() <= published + ledger.get("lost") as usize,
+        "queue holds {} jobs; published {published}, lost {}",
+        jobs.len(),
+        ledger.get("lost")
+    );
+}
