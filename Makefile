@@ -4,7 +4,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all release broker demo test lint bench bench-ci clean
+.PHONY: all release broker demo test chaos lint clean
 
 all: release
 
@@ -25,6 +25,11 @@ else
 	$(CARGO) test --release --locked --no-fail-fast
 endif
 
+# Fault injection (broker restart, kill -9, SIGTERM under load, flag service outages), one
+# scenario at a time: it restarts the broker, so it never runs alongside other tests.
+chaos: broker
+	$(CARGO) test --release --locked --test chaos -- --ignored --test-threads=1 --nocapture
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
@@ -33,3 +38,4 @@ clean:
 	$(CARGO) clean
 
 -include mk/install.mk
+-include mk/bench.mk

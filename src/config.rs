@@ -112,6 +112,7 @@ struct RawWorker {
     drop_doomed: Option<bool>,
     shed_action: Option<String>,
     drain_grace_ms: Option<u64>,
+    ledger_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +126,7 @@ struct RawQueuer {
     payload_bytes: Option<u64>,
     max_jobs: Option<u64>,
     drain_grace_ms: Option<u64>,
+    ledger_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,6 +245,8 @@ pub struct WorkerConfig {
     pub shed_action: ShedAction,
     /// How long a drain waits for running jobs before it gives up on them.
     pub drain_grace: Duration,
+    /// Audit trail: one line per settled job, written before the ack.
+    pub ledger_file: Option<PathBuf>,
 }
 
 /// The queuer's job shape and publishing discipline.
@@ -261,6 +265,8 @@ pub struct QueuerConfig {
     pub max_jobs: Option<u64>,
     /// How long a stop waits for outstanding confirms.
     pub drain_grace: Duration,
+    /// Audit trail: one line per confirmed job.
+    pub ledger_file: Option<PathBuf>,
 }
 
 /// Which flags the daemons watch, their fallbacks, and the local flag file.
@@ -433,6 +439,7 @@ impl Config {
                 25_000,
                 0..=3_600_000,
             )?),
+            ledger_file: w.ledger_file.filter(|p| !p.as_os_str().is_empty()),
         };
 
         let q = raw.queuer;
@@ -460,6 +467,7 @@ impl Config {
                 10_000,
                 0..=3_600_000,
             )?),
+            ledger_file: q.ledger_file.filter(|p| !p.as_os_str().is_empty()),
         };
 
         let f = raw.flags;

@@ -8,6 +8,7 @@
 //!
 //! See ARCHITECTURE.md for the threads, channels and who owns what.
 
+pub mod audit;
 pub mod backoff;
 pub mod broker;
 pub mod cli;

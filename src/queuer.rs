@@ -10,6 +10,7 @@
 //! (they may or may not have reached the queue; they are not counted as published and not
 //! sent again), and the loop reconnects with backoff.
 
+use crate::audit::AuditLog;
 use crate::backoff::Backoff;
 use crate::broker::{self, Session};
 use crate::clock::now_ms;
@@ -56,8 +57,11 @@ enum LoopEnd {
 /// Publishes until stopped (or `max_jobs`), reconnecting as needed; waits for outstanding
 /// confirms; returns the ledger.
 pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonError> {
+    let audit = config.queuer.ledger_file.as_deref().map(AuditLog::open);
     let mut queuer = Queuer {
         publisher: Publisher::new(&config),
+        audit,
+        awaiting_confirm: std::collections::VecDeque::new(),
         stats: tick(config.log.stats_interval),
         config,
         env: &env,
@@ -110,6 +114,10 @@ struct Queuer<'e, 'a> {
     ready_sent: bool,
     broker_down: Option<Instant>,
     last_stats: (Instant, u64),
+    audit: Option<AuditLog>,
+    /// With an audit trail: the sequence numbers of publishes awaiting a confirm, in publish
+    /// (= delivery tag) order, so each confirm can be written down under its job id.
+    awaiting_confirm: std::collections::VecDeque<u64>,
 }
 
 impl Queuer<'_, '_> {
@@ -171,6 +179,7 @@ impl Queuer<'_, '_> {
     fn forget_connection(&mut self, reason: &str) {
         let unconfirmed = self.ledger.unconfirmed();
         self.ledger.lost += unconfirmed;
+        self.awaiting_confirm.clear();
         if self.broker_down.is_none() {
             if self.ready_sent {
                 log::error!(
@@ -220,6 +229,9 @@ impl Queuer<'_, '_> {
                         self.ledger.sent += 1;
                         if !self.config.queuer.confirms {
                             self.ledger.published += 1;
+                            self.audit_confirm(Some(self.publisher.seq), "published");
+                        } else if self.audit.is_some() {
+                            self.awaiting_confirm.push_back(self.publisher.seq);
                         }
                         credit -= 1.0;
                     }
@@ -243,9 +255,16 @@ impl Queuer<'_, '_> {
                 recv(confirms) -> confirm => match confirm {
                     Ok(confirm) => {
                         for one in smoother.process(confirm) {
+                            let seq = self.awaiting_confirm.pop_front();
                             match one {
-                                Confirm::Ack(_) => self.ledger.published += 1,
-                                Confirm::Nack(_) => self.ledger.nacked += 1,
+                                Confirm::Ack(_) => {
+                                    self.ledger.published += 1;
+                                    self.audit_confirm(seq, "published");
+                                }
+                                Confirm::Nack(_) => {
+                                    self.ledger.nacked += 1;
+                                    self.audit_confirm(seq, "nacked");
+                                }
                             }
                         }
                     }
@@ -264,6 +283,9 @@ impl Queuer<'_, '_> {
                     Err(_) => {}
                 },
                 recv(stats) -> _ => {
+                    if let Some(audit) = &mut self.audit {
+                        audit.flush();
+                    }
                     let line = self.stats_line();
                     log::info!("{line}");
                     self.env.notifier.status(&line);
@@ -273,6 +295,12 @@ impl Queuer<'_, '_> {
                 recv(retry) -> _ => return LoopEnd::Retry,
                 default(wait) => {}
             }
+        }
+    }
+
+    fn audit_confirm(&mut self, seq: Option<u64>, state: &str) {
+        if let (Some(audit), Some(seq)) = (&mut self.audit, seq) {
+            audit.record(Some(&self.publisher.job_id(seq)), state);
         }
     }
 
@@ -366,6 +394,11 @@ impl Publisher {
         self.expiration = config.queuer.ttl_ms.to_string();
     }
 
+    /// The id of the job published with sequence number `seq`.
+    fn job_id(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.id_prefix)
+    }
+
     fn publish(&mut self, session: &Session, config: &Config) -> Result<(), broker::BrokerError> {
         self.seq += 1;
         let created = now_ms();
@@ -383,7 +416,7 @@ impl Publisher {
             AmqpValue::LongLongInt(ms_i64(self.work_ms)),
         );
         let properties = AmqpProperties::default()
-            .with_message_id(format!("{}-{}", self.id_prefix, self.seq))
+            .with_message_id(self.job_id(self.seq))
             .with_headers(headers)
             .with_expiration(self.expiration.clone())
             .with_delivery_mode(self.delivery_mode)

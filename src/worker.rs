@@ -16,6 +16,7 @@
 //! `returned`. Each connection has a generation number that tasks carry, so a job that was
 //! running across a reconnect is recognised when it completes.
 
+use crate::audit::AuditLog;
 use crate::backoff::Backoff;
 use crate::broker::{self, Session};
 use crate::clock::now_ms;
@@ -111,6 +112,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     let pool = start_pool(config.worker.concurrency, &task_rx, &done_tx, &env.handler)?;
     drop(done_tx);
 
+    let audit = config.worker.ledger_file.as_deref().map(AuditLog::open);
     let mut worker = Worker {
         policy: Policy::from_config(&config),
         stats: tick(config.log.stats_interval),
@@ -130,6 +132,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         last_stats: (Instant::now(), WorkerLedger::default()),
         malformed_warned_at: None,
         malformed_unwarned: 0,
+        audit,
     };
     let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_RESET_AFTER);
     let result = loop {
@@ -283,6 +286,7 @@ struct Worker<'e, 'a> {
     last_stats: (Instant, WorkerLedger),
     malformed_warned_at: Option<Instant>,
     malformed_unwarned: u64,
+    audit: Option<AuditLog>,
 }
 
 impl Worker<'_, '_> {
@@ -529,6 +533,13 @@ impl Worker<'_, '_> {
         delivery: Delivery,
         outcome: Outcome,
     ) -> Result<(), String> {
+        if let Some(audit) = &mut self.audit {
+            audit.record(
+                delivery.properties.message_id().as_deref(),
+                outcome.as_str(),
+            );
+            audit.flush();
+        }
         let result = match outcome {
             Outcome::Done | Outcome::Late => consumer.ack(delivery),
             Outcome::Failed | Outcome::Malformed => consumer.reject(delivery, false),

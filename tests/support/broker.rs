@@ -74,9 +74,26 @@ impl TestBroker {
         self.queues.push(queue.to_owned());
     }
 
+    /// Registers `exchange` for deletion when the test ends.
+    pub fn owns_exchange(&mut self, exchange: &str) {
+        self.exchanges.push(exchange.to_owned());
+    }
+
+    /// Closes the connection but leaves the queues and exchanges in place (for a test that
+    /// deletes them later through another connection).
+    pub fn close_keeping_topology(mut self) {
+        self.queues.clear();
+        self.exchanges.clear();
+    }
+
     /// Declares a fanout dead-letter exchange and a queue bound to it; returns
     /// (exchange, queue). Both are deleted when the test ends.
     pub fn dead_letter_pair(&mut self, what: &str) -> (String, String) {
+        self.dead_letter_pair_with(what, false)
+    }
+
+    /// As [`TestBroker::dead_letter_pair`], optionally durable (to survive a broker restart).
+    pub fn dead_letter_pair_with(&mut self, what: &str, durable: bool) -> (String, String) {
         let exchange = unique_name(&format!("{what}-dlx"));
         let queue = unique_name(&format!("{what}-dead"));
         let channel = self.channel();
@@ -84,11 +101,20 @@ impl TestBroker {
             .exchange_declare(
                 ExchangeType::Fanout,
                 exchange.clone(),
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    durable,
+                    ..ExchangeDeclareOptions::default()
+                },
             )
             .expect("declare dead-letter exchange");
         let q = channel
-            .queue_declare(queue.clone(), QueueDeclareOptions::default())
+            .queue_declare(
+                queue.clone(),
+                QueueDeclareOptions {
+                    durable,
+                    ..QueueDeclareOptions::default()
+                },
+            )
             .expect("declare dead-letter queue");
         q.bind(&ex, "", FieldTable::new())
             .expect("bind dead-letter queue");

@@ -1,0 +1,309 @@
+//! Fault injection: real daemons, the real broker, steady load, one fault at a time, then an
+//! audit of every job id the queuer had confirmed.
+//!
+//! These tests restart the broker and kill processes, which would disturb any other test
+//! sharing the broker, so they are `#[ignore]`d in the ordinary run and run one at a time by
+//! `make chaos` (`cargo test --test chaos -- --ignored --test-threads=1`), which CI runs after
+//! `make test`.
+//!
+//! The audit: the queuer's ledger file lists every confirmed job id; the workers' ledger files
+//! list every job they settled and how; whatever is neither was expired by RabbitMQ (it is in
+//! the dead-letter queue) or is still in the queue. Zero may be lost, and a job may appear
+//! twice in the workers' ledgers only when a worker was killed with it in flight.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::broker::{TestBroker, death_reason, unique_name};
+use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
+
+const WAIT: Duration = Duration::from_secs(90);
+const FINAL_STATES: [&str; 7] = [
+    "done",
+    "late",
+    "failed",
+    "skipped",
+    "expired",
+    "doomed",
+    "malformed",
+];
+
+/// One fault-injection scenario's world: a durable queue with a dead-letter queue, a flag file,
+/// a config with ledger files, and the daemons.
+struct Scenario {
+    dir: TempDir,
+    queue: String,
+    dlx: String,
+    dead: String,
+    config: PathBuf,
+    worker_ledger: PathBuf,
+    queuer_ledger: PathBuf,
+}
+
+impl Scenario {
+    fn new(what: &str) -> Scenario {
+        let mut broker = TestBroker::connect();
+        let queue = unique_name(what);
+        let (dlx, dead) = broker.dead_letter_pair_with(what, true);
+        // The queue and the dead-letter pair outlive this connection (a broker restart kills
+        // it); `Drop` for Scenario deletes them through a fresh one.
+        broker.close_keeping_topology();
+        let dir = TempDir::new(what);
+        let flags = dir.write(
+            "flags.json",
+            r#"{"flagValues": {"task-rate": 60, "skip-rate": 10}}"#,
+        );
+        let worker_ledger = dir.path().join("worker-ledger.txt");
+        let queuer_ledger = dir.path().join("queuer-ledger.txt");
+        let config = TestConfig::new(&queue)
+            .set("broker", "durable", "true")
+            .set("broker", "dead_letter_exchange", &toml_str(&dlx))
+            .set("broker", "heartbeat_secs", "5")
+            .set("flags", "file", &toml_str(&flags.display().to_string()))
+            .set("queuer", "ttl_ms", "20000")
+            .set("queuer", "work_ms", "40")
+            .set("queuer", "persistent", "true")
+            .set("worker", "concurrency", "4")
+            .set("worker", "prefetch", "8")
+            .set("worker", "drain_grace_ms", "10000")
+            .set(
+                "worker",
+                "ledger_file",
+                &toml_str(&worker_ledger.display().to_string()),
+            )
+            .set(
+                "queuer",
+                "ledger_file",
+                &toml_str(&queuer_ledger.display().to_string()),
+            )
+            .set("log", "stats_interval_ms", "250")
+            .write(&dir, "flagshed.toml");
+        Scenario {
+            dir,
+            queue,
+            dlx,
+            dead,
+            config,
+            worker_ledger,
+            queuer_ledger,
+        }
+    }
+
+    fn worker(&self) -> Daemon {
+        let worker = Daemon::start(Bin::Worker, &self.config);
+        worker.wait_for_line("consuming from queue", WAIT);
+        worker
+    }
+
+    fn queuer(&self) -> Daemon {
+        let queuer = Daemon::start(Bin::Queuer, &self.config);
+        queuer.wait_for_line("publishing to queue", WAIT);
+        queuer
+    }
+
+    /// Stops the queuer, lets the workers empty the queue, stops them, and audits.
+    fn finish(&self, mut queuer: Daemon, mut workers: Vec<Daemon>, allowed_twice: u64) -> Audit {
+        stop(&mut queuer);
+        let broker = TestBroker::connect();
+        let end = Instant::now() + WAIT;
+        while broker.ready_count(&self.queue) > 0 {
+            assert!(Instant::now() < end, "the queue never emptied");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for worker in &mut workers {
+            stop(worker);
+        }
+        let dead_letters = broker.drain(&self.dead);
+        let left = broker.drain(&self.queue);
+        let audit = Audit::new(
+            &self.queuer_ledger,
+            &self.worker_ledger,
+            &dead_letters,
+            &left,
+        );
+        audit.print(&self.queue);
+        assert_eq!(audit.lost, 0, "jobs lost: {audit:?}");
+        assert!(
+            audit.twice <= allowed_twice,
+            "{} jobs ran twice; at most {allowed_twice} were in flight at the fault",
+            audit.twice
+        );
+        assert!(audit.confirmed > 100, "load was running: {audit:?}");
+        audit
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if let Ok(mut broker) = std::panic::catch_unwind(TestBroker::connect) {
+            broker.owns_queue(&self.queue);
+            broker.owns_queue(&self.dead);
+            broker.owns_exchange(&self.dlx);
+        }
+    }
+}
+
+fn stop(daemon: &mut Daemon) {
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(WAIT);
+    assert!(status.success(), "exit {status:?}; log:\n{}", daemon.log());
+}
+
+/// Waits until the worker has settled at least `n` more jobs than it had at log line `from`.
+fn wait_progress(worker: &Daemon, n: u64) {
+    let start = worker
+        .last_line("stats role=worker")
+        .map(|l| Ledger::parse(&l).get("received"))
+        .unwrap_or(0);
+    let mut from = worker.line_count();
+    loop {
+        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
+        if Ledger::parse(&line).get("received") >= start + n {
+            return;
+        }
+        from = i + 1;
+    }
+}
+
+/// What happened to every confirmed job.
+#[derive(Debug, Default)]
+struct Audit {
+    confirmed: u64,
+    by_state: HashMap<String, u64>,
+    expired_in_broker: u64,
+    still_queued: u64,
+    twice: u64,
+    lost: u64,
+}
+
+fn ledger_lines(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let _ms = parts.next()?;
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect()
+}
+
+impl Audit {
+    fn new(
+        queuer_ledger: &Path,
+        worker_ledger: &Path,
+        dead_letters: &[amiquip::AmqpProperties],
+        left: &[amiquip::AmqpProperties],
+    ) -> Audit {
+        let confirmed: HashSet<String> = ledger_lines(queuer_ledger)
+            .into_iter()
+            .filter(|(_, state)| state == "published")
+            .map(|(id, _)| id)
+            .collect();
+        let mut finals: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, state) in ledger_lines(worker_ledger) {
+            if FINAL_STATES.contains(&state.as_str()) {
+                finals.entry(id).or_default().push(state);
+            }
+        }
+        let ids = |props: &[amiquip::AmqpProperties], reason: Option<&str>| -> HashSet<String> {
+            props
+                .iter()
+                .filter(|p| reason.is_none() || death_reason(p).as_deref() == reason)
+                .filter_map(|p| p.message_id().clone())
+                .collect()
+        };
+        let expired_in_broker = ids(dead_letters, Some("expired"));
+        let queued = ids(left, None);
+        let mut audit = Audit {
+            confirmed: confirmed.len() as u64,
+            ..Audit::default()
+        };
+        for id in &confirmed {
+            match finals.get(id) {
+                Some(states) => {
+                    *audit.by_state.entry(states[0].clone()).or_default() += 1;
+                    if states.len() > 1 {
+                        audit.twice += 1;
+                    }
+                }
+                None if expired_in_broker.contains(id) => audit.expired_in_broker += 1,
+                None if queued.contains(id) => audit.still_queued += 1,
+                None => audit.lost += 1,
+            }
+        }
+        audit
+    }
+
+    fn print(&self, what: &str) {
+        let mut states: Vec<_> = self.by_state.iter().collect();
+        states.sort();
+        println!(
+            "audit {what}: confirmed={} {} expired_in_broker={} still_queued={} ran_twice={} lost={}",
+            self.confirmed,
+            states
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            self.expired_in_broker,
+            self.still_queued,
+            self.twice,
+            self.lost
+        );
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .expect("rabbitmqctl (comes with rabbitmq-server)");
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+#[test]
+#[ignore = "restarts the shared broker: run by `make chaos`"]
+fn broker_restart_loses_nothing() {
+    let scenario = Scenario::new("chaos-restart");
+    let worker = scenario.worker();
+    let queuer = scenario.queuer();
+    wait_progress(&worker, 100);
+    rabbitmqctl(&["stop_app"]);
+    rabbitmqctl(&["start_app"]);
+    worker.wait_for_line("reconnected to RabbitMQ", WAIT);
+    queuer.wait_for_line("reconnected to RabbitMQ", WAIT);
+    wait_progress(&worker, 100);
+    scenario.finish(queuer, vec![worker], 0);
+}
+
+#[test]
+#[ignore = "kills processes under load: run by `make chaos`"]
+fn kill_9_of_a_worker_mid_job_loses_nothing() {
+    let scenario = Scenario::new("chaos-kill");
+    let mut worker = scenario.worker();
+    let queuer = scenario.queuer();
+    wait_progress(&worker, 100);
+    worker.signal(libc::SIGKILL);
+    worker.wait_exit(WAIT);
+    let replacement = scenario.worker();
+    wait_progress(&replacement, 100);
+    // At most a prefetch's worth of jobs was in flight when the worker died.
+    scenario.finish(queuer, vec![replacement], 8);
+}
+
+#[test]
+#[ignore = "stops processes under load: run by `make chaos`"]
+fn sigterm_of_a_worker_under_load_then_restart_loses_nothing() {
+    let scenario = Scenario::new("chaos-term");
+    let mut worker = scenario.worker();
+    let queuer = scenario.queuer();
+    wait_progress(&worker, 100);
+    stop(&mut worker);
+    assert_eq!(worker.final_ledger().text("balanced"), "true");
+    let replacement = scenario.worker();
+    wait_progress(&replacement, 100);
+    scenario.finish(queuer, vec![replacement], 0);
+}
