@@ -33,7 +33,8 @@ const FINAL_STATES: [&str; 7] = [
 /// One fault-injection scenario's world: a durable queue with a dead-letter queue, a flag file,
 /// a config with ledger files, and the daemons.
 struct Scenario {
-    dir: TempDir,
+    /// Holds the config, flag and ledger files; removed when the scenario ends.
+    _dir: TempDir,
     queue: String,
     dlx: String,
     dead: String,
@@ -81,7 +82,7 @@ impl Scenario {
             .set("log", "stats_interval_ms", "250")
             .write(&dir, "flagshed.toml");
         Scenario {
-            dir,
+            _dir: dir,
             queue,
             dlx,
             dead,
