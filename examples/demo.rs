@@ -124,10 +124,10 @@ impl Lab {
     }
 
     fn set_drop_doomed(&mut self, on: bool) {
-        self.config = self
-            .config
-            .clone()
-            .set("worker", "drop_doomed", if on { "true" } else { "false" });
+        self.config =
+            self.config
+                .clone()
+                .set("worker", "drop_doomed", if on { "true" } else { "false" });
         self.config.write(&self.dir, "flagshed.toml");
         self.worker.signal(libc::SIGHUP);
     }
@@ -141,7 +141,11 @@ fn main() {
     let dir = TempDir::new("demo");
     let config = TestConfig::new(&queue)
         .set("broker", "dead_letter_exchange", &toml_str(&dlx))
-        .set("flags", "file", &toml_str(&dir.path().join("flags.json").display().to_string()))
+        .set(
+            "flags",
+            "file",
+            &toml_str(&dir.path().join("flags.json").display().to_string()),
+        )
         .set("flags", "file_check_ms", "100")
         .set("worker", "concurrency", &CONCURRENCY.to_string())
         .set("worker", "shed_action", "\"ack\"")
@@ -181,7 +185,15 @@ fn main() {
         if phase.drop_doomed {
             lab.set_drop_doomed(true);
         }
-        println!("== phase {}{}", phase.title, if phase.drop_doomed { " (doomed drop on, via SIGHUP)" } else { "" });
+        println!(
+            "== phase {}{}",
+            phase.title,
+            if phase.drop_doomed {
+                " (doomed drop on, via SIGHUP)"
+            } else {
+                ""
+            }
+        );
         let start = lab.sample();
         let started = Instant::now();
         let mut last = start;
@@ -201,7 +213,11 @@ fn main() {
             );
             last = now;
         }
-        rows.push((phase, lab.sample().minus(start), started.elapsed().as_secs_f64()));
+        rows.push((
+            phase,
+            lab.sample().minus(start),
+            started.elapsed().as_secs_f64(),
+        ));
     }
 
     lab.queuer.signal(libc::SIGTERM);
@@ -211,7 +227,15 @@ fn main() {
 
     println!(
         "\n{:<26} {:>9} {:>9} {:>8} {:>6} {:>8} {:>8} {:>7} {:>9}",
-        "phase", "offered/s", "published", "on time", "late", "skipped", "expired", "doomed", "goodput"
+        "phase",
+        "offered/s",
+        "published",
+        "on time",
+        "late",
+        "skipped",
+        "expired",
+        "doomed",
+        "goodput"
     );
     for (phase, d, secs) in rows {
         println!(
@@ -228,5 +252,10 @@ fn main() {
         );
     }
     println!("\ngoodput: jobs finished on time per second, as a share of the worker's capacity.");
-    println!("worker's last line: {}", lab.worker.last_line("final role=worker").unwrap_or_default());
+    println!(
+        "worker's last line: {}",
+        lab.worker
+            .last_line("final role=worker")
+            .unwrap_or_default()
+    );
 }
