@@ -8,6 +8,7 @@
 //!
 //! See ARCHITECTURE.md for the threads, channels and who owns what.
 
+pub mod ack_window;
 pub mod audit;
 pub mod backoff;
 pub mod broker;

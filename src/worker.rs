@@ -16,6 +16,7 @@
 //! `returned`. Each connection has a generation number that tasks carry, so a job that was
 //! running across a reconnect is recognised when it completes.
 
+use crate::ack_window::{AckWindow, Disposition};
 use crate::audit::AuditLog;
 use crate::backoff::Backoff;
 use crate::broker::{self, Session};
@@ -32,7 +33,6 @@ use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick, unbounded};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,10 @@ use std::time::{Duration, Instant};
 const RECONNECT_FIRST: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const RECONNECT_RESET_AFTER: Duration = Duration::from_secs(30);
+
+/// How long a decision may wait to be batched with others into one ack frame. Short enough
+/// that a job's ack is not noticeably late; long enough to batch at a few hundred jobs/s.
+const ACK_DELAY: Duration = Duration::from_millis(5);
 
 /// A job handed to the pool.
 struct Task {
@@ -122,7 +126,9 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         task_rx,
         done_rx,
         generation: 0,
-        pending: HashMap::with_capacity(usize::from(prefetch)),
+        window: AckWindow::new(usize::from(prefetch)),
+        ack_batch: usize::from(prefetch / 4).max(1),
+        flush_at: None,
         stale_running: 0,
         ledger: WorkerLedger::default(),
         draining: None,
@@ -168,13 +174,13 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
 
     let Worker {
         ledger,
-        pending,
+        window,
         stale_running,
         task_tx,
         ..
     } = worker;
     drop(task_tx);
-    let abandoned = pending.len() as u64 + stale_running;
+    let abandoned = window.held() as u64 + stale_running;
     if abandoned == 0 {
         for thread in pool {
             let _ = thread.join();
@@ -271,8 +277,12 @@ struct Worker<'e, 'a> {
     stats: Receiver<Instant>,
     /// Counts connections; tasks carry it so completions from a dead channel are recognised.
     generation: u64,
-    /// Deliveries handed to the pool and not yet settled, by delivery tag (this generation).
-    pending: HashMap<u64, Delivery>,
+    /// Deliveries held on this connection, running or decided, and the batching of their acks.
+    window: AckWindow<Delivery, Outcome>,
+    /// Decisions waiting for a flush that make one worth doing at once.
+    ack_batch: usize,
+    /// When waiting decisions must be flushed at the latest.
+    flush_at: Option<Instant>,
     /// Tasks of earlier generations still running in the pool.
     stale_running: u64,
     ledger: WorkerLedger,
@@ -308,6 +318,7 @@ impl Worker<'_, '_> {
         };
         self.generation += 1;
         self.cancelled = false;
+        self.window = AckWindow::new(usize::from(self.config.worker.prefetch));
         match self.broker_down.take() {
             Some((since, _)) => log::info!(
                 "reconnected to RabbitMQ at {} after {} ms; consuming from {:?}",
@@ -335,17 +346,18 @@ impl Worker<'_, '_> {
     /// The deliveries of a dead connection can no longer be settled; the broker requeues them.
     fn forget_connection(&mut self, reason: &str) {
         let unstarted = std::iter::from_fn(|| self.task_rx.try_recv().ok()).count() as u64;
-        let running = self.pending.len() as u64 - unstarted;
-        self.ledger.returned += unstarted;
+        let (unsent, held_undecided) = self.window.abandon();
+        let running = held_undecided as u64 - unstarted;
+        self.ledger.returned += unsent as u64 + unstarted;
         self.stale_running += running;
-        self.pending.clear();
+        self.flush_at = None;
         if self.broker_down.is_none() {
             if self.generation == 0 {
                 log::error!("{reason}; retrying");
             } else {
                 log::error!(
                     "lost RabbitMQ: {reason}; {} unsettled jobs go back to the queue; reconnecting",
-                    unstarted + running
+                    unsent as u64 + unstarted + running
                 );
             }
             self.env
@@ -376,15 +388,15 @@ impl Worker<'_, '_> {
                 _ => &closed,
             };
             let grace_end = self.draining.map_or_else(never, crossbeam_channel::at);
+            let flush_timer = self.flush_at.map_or_else(never, crossbeam_channel::at);
             let done_rx = self.done_rx.clone();
             let signals = self.env.signals.clone();
             let stats = self.stats.clone();
             select! {
                 recv(deliveries) -> message => {
-                    let Some(consumer) = consumer else { continue };
                     match message {
                         Ok(ConsumerMessage::Delivery(delivery)) => {
-                            if let Err(reason) = self.on_delivery(consumer, delivery) {
+                            if let Err(reason) = self.on_delivery(delivery) {
                                 return Ok(LoopEnd::Lost(reason));
                             }
                         }
@@ -395,17 +407,12 @@ impl Worker<'_, '_> {
                 },
                 recv(done_rx) -> completion => {
                     if let Ok(completion) = completion {
-                        if let Err(reason) = self.on_completion(consumer, completion) {
-                            return Ok(LoopEnd::Lost(reason));
-                        }
+                        self.on_completion(consumer.is_some(), completion);
                     }
                 }
                 recv(signals) -> signal => match signal {
                     Ok(Signal::Stop) if self.draining.is_some() || consumer.is_none() => {
-                        if !self.pending.is_empty() {
-                            log::warn!("stopping now; {} running jobs return to the queue", self.pending.len());
-                        }
-                        return Ok(LoopEnd::Stop);
+                        return Ok(self.stop_now(consumer, "stopping now"));
                     }
                     Ok(Signal::Stop) => {
                         if let Some(consumer) = consumer {
@@ -425,28 +432,29 @@ impl Worker<'_, '_> {
                 },
                 recv(watchdog) -> _ => self.env.notifier.watchdog(),
                 recv(grace_end) -> _ => {
-                    log::warn!(
-                        "drain grace period over; {} running jobs return to the queue",
-                        self.pending.len()
-                    );
-                    return Ok(LoopEnd::Stop);
+                    return Ok(self.stop_now(consumer, "drain grace period over"));
                 },
+                recv(flush_timer) -> _ => {}
                 recv(retry) -> _ => return Ok(LoopEnd::Retry),
             }
-            if self.draining.is_some() && self.cancelled && self.pending.is_empty() {
+            if let Some(consumer) = consumer {
+                if let Err(reason) = self.maybe_flush(consumer) {
+                    return Ok(LoopEnd::Lost(reason));
+                }
+            }
+            if self.draining.is_some() && self.cancelled && self.window.is_empty() {
                 return Ok(LoopEnd::Stop);
             }
         }
     }
 
-    fn on_delivery(
-        &mut self,
-        consumer: &Consumer<'_>,
-        mut delivery: Delivery,
-    ) -> Result<(), String> {
+    fn on_delivery(&mut self, mut delivery: Delivery) -> Result<(), String> {
         self.ledger.received += 1;
+        let tag = delivery.delivery_tag();
         if self.draining.is_some() {
-            return self.settle(consumer, delivery, Outcome::Requeued);
+            self.window.hold(tag, delivery);
+            self.window.decide(tag, Outcome::Requeued);
+            return Ok(());
         }
         let now = now_ms();
         let meta = match job::parse(
@@ -458,7 +466,9 @@ impl Worker<'_, '_> {
             Ok(meta) => meta,
             Err(why) => {
                 self.warn_malformed(&delivery, &why);
-                return self.settle(consumer, delivery, Outcome::Malformed);
+                self.window.hold(tag, delivery);
+                self.window.decide(tag, Outcome::Malformed);
+                return Ok(());
             }
         };
         match shed::at_receipt(
@@ -468,9 +478,8 @@ impl Worker<'_, '_> {
             self.policy.drop_doomed,
         ) {
             Verdict::Run => {
-                let tag = delivery.delivery_tag();
                 let body = std::mem::take(&mut delivery.body);
-                self.pending.insert(tag, delivery);
+                self.window.hold(tag, delivery);
                 let task = Task {
                     generation: self.generation,
                     tag,
@@ -484,26 +493,26 @@ impl Worker<'_, '_> {
                     .send(task)
                     .map_err(|_| "pool threads are gone".to_owned())
             }
-            Verdict::Expired => self.settle(consumer, delivery, Outcome::Expired),
-            Verdict::Doomed => self.settle(consumer, delivery, Outcome::Doomed),
-            Verdict::Skipped => self.settle(consumer, delivery, Outcome::Skipped),
+            shed => {
+                let outcome = match shed {
+                    Verdict::Expired => Outcome::Expired,
+                    Verdict::Doomed => Outcome::Doomed,
+                    _ => Outcome::Skipped,
+                };
+                self.window.hold(tag, delivery);
+                self.window.decide(tag, outcome);
+                Ok(())
+            }
         }
     }
 
-    fn on_completion(
-        &mut self,
-        consumer: Option<&Consumer<'_>>,
-        completion: Completion,
-    ) -> Result<(), String> {
-        if completion.generation != self.generation || consumer.is_none() {
+    fn on_completion(&mut self, connected: bool, completion: Completion) {
+        if completion.generation != self.generation || !connected {
             // Its channel is gone; the broker has already put the job back in the queue.
             self.stale_running = self.stale_running.saturating_sub(1);
             self.ledger.returned += 1;
-            return Ok(());
+            return;
         }
-        let Some(consumer) = consumer else {
-            return Ok(());
-        };
         match completion.outcome {
             Outcome::Late => self.ledger.late_work_ms += completion.worked_ms,
             Outcome::Done => {
@@ -516,52 +525,79 @@ impl Worker<'_, '_> {
         if let Some(wait) = completion.wait_ms {
             self.ledger.wait_ms.record(wait);
         }
-        match self.pending.remove(&completion.tag) {
-            Some(delivery) => self.settle(consumer, delivery, completion.outcome),
-            None => {
-                // Only possible if a tag were settled twice: a bug, never input.
-                log::error!("completion for unknown delivery tag {}", completion.tag);
-                Ok(())
-            }
+        if !self.window.decide(completion.tag, completion.outcome) {
+            // Only possible if a tag were decided twice: a bug, never input.
+            log::error!("completion for unknown delivery tag {}", completion.tag);
         }
     }
 
-    /// Acks, rejects or requeues one delivery, then records its outcome.
-    fn settle(
-        &mut self,
-        consumer: &Consumer<'_>,
-        delivery: Delivery,
-        outcome: Outcome,
-    ) -> Result<(), String> {
-        if let Some(audit) = &mut self.audit {
-            audit.record(
-                delivery.properties.message_id().as_deref(),
-                outcome.as_str(),
+    /// Flushes waiting decisions when there are enough of them, when the oldest has waited
+    /// [`ACK_DELAY`], or at once while draining; otherwise makes sure a flush is scheduled.
+    fn maybe_flush(&mut self, consumer: &Consumer<'_>) -> Result<(), String> {
+        let waiting = self.window.decided();
+        if waiting == 0 {
+            self.flush_at = None;
+            return Ok(());
+        }
+        let now = Instant::now();
+        if waiting >= self.ack_batch
+            || self.draining.is_some()
+            || self.flush_at.is_some_and(|at| now >= at)
+        {
+            self.flush(consumer)
+        } else {
+            self.flush_at.get_or_insert(now + ACK_DELAY);
+            Ok(())
+        }
+    }
+
+    /// Sends every waiting decision to the broker, recording each in the ledger (and the
+    /// audit trail) just before its frame goes out. If the connection fails midway, what was
+    /// recorded but not received by the broker comes back as a redelivery.
+    fn flush(&mut self, consumer: &Consumer<'_>) -> Result<(), String> {
+        self.flush_at = None;
+        let shed_action = self.policy.shed_action;
+        let Worker {
+            window,
+            ledger,
+            audit,
+            ..
+        } = self;
+        window
+            .flush(
+                |outcome| disposition(outcome, shed_action),
+                |delivery, outcome| {
+                    if let Some(audit) = audit.as_mut() {
+                        audit.record(
+                            delivery.properties.message_id().as_deref(),
+                            outcome.as_str(),
+                        );
+                        audit.flush();
+                    }
+                    ledger.record(outcome);
+                },
+                |delivery, disposition, multiple| {
+                    send_frame(consumer, delivery, disposition, multiple)
+                },
+            )
+            .map_err(|e| format!("settling deliveries: {e}"))
+    }
+
+    /// Stops without waiting for running jobs: what is decided is sent, what runs goes back to
+    /// the queue when the connection closes.
+    fn stop_now(&mut self, consumer: Option<&Consumer<'_>>, why: &str) -> LoopEnd {
+        if let Some(consumer) = consumer {
+            if let Err(e) = self.flush(consumer) {
+                log::warn!("{e}");
+            }
+        }
+        if self.window.held() > 0 {
+            log::warn!(
+                "{why}; {} running jobs return to the queue",
+                self.window.held()
             );
-            audit.flush();
         }
-        let result = match outcome {
-            Outcome::Done | Outcome::Late => consumer.ack(delivery),
-            Outcome::Failed | Outcome::Malformed => consumer.reject(delivery, false),
-            Outcome::Skipped | Outcome::Expired | Outcome::Doomed => {
-                match self.policy.shed_action {
-                    ShedAction::Ack => consumer.ack(delivery),
-                    ShedAction::Reject => consumer.reject(delivery, false),
-                }
-            }
-            Outcome::Requeued => consumer.reject(delivery, true),
-        };
-        match result {
-            Ok(()) => {
-                self.ledger.record(outcome);
-                Ok(())
-            }
-            Err(e) => {
-                // The delivery was taken from `pending` already; the broker requeues it.
-                self.ledger.returned += 1;
-                Err(format!("settling a delivery: {e}"))
-            }
-        }
+        LoopEnd::Stop
     }
 
     /// One warning per second at most: a producer sending garbage must not flood the journal.
@@ -594,7 +630,7 @@ impl Worker<'_, '_> {
         let grace = self.config.worker.drain_grace;
         log::info!(
             "stopping: draining {} jobs (grace {} ms)",
-            self.pending.len(),
+            self.window.held(),
             grace.as_millis()
         );
         self.draining = Some(Instant::now() + grace);
@@ -602,11 +638,9 @@ impl Worker<'_, '_> {
             .cancel()
             .map_err(|e| format!("cancelling the consumer: {e}"))?;
         while let Ok(task) = self.task_rx.try_recv() {
-            if let Some(delivery) = self.pending.remove(&task.tag) {
-                self.settle(consumer, delivery, Outcome::Requeued)?;
-            }
+            self.window.decide(task.tag, Outcome::Requeued);
         }
-        Ok(())
+        self.flush(consumer)
     }
 
     fn reload(&mut self) {
@@ -660,5 +694,35 @@ impl Worker<'_, '_> {
             daemon::flag_fields(&self.env.values)
         ));
         line
+    }
+}
+
+/// How the broker is told about an outcome.
+fn disposition(outcome: Outcome, shed_action: ShedAction) -> Disposition {
+    match outcome {
+        Outcome::Done | Outcome::Late => Disposition::Ack,
+        Outcome::Failed | Outcome::Malformed => Disposition::Reject,
+        Outcome::Skipped | Outcome::Expired | Outcome::Doomed => match shed_action {
+            ShedAction::Ack => Disposition::Ack,
+            ShedAction::Reject => Disposition::Reject,
+        },
+        Outcome::Requeued => Disposition::Requeue,
+    }
+}
+
+/// One ack, reject or nack frame; `multiple` settles every delivery up to this one.
+fn send_frame(
+    consumer: &Consumer<'_>,
+    delivery: Delivery,
+    disposition: Disposition,
+    multiple: bool,
+) -> amiquip::Result<()> {
+    match (disposition, multiple) {
+        (Disposition::Ack, false) => consumer.ack(delivery),
+        (Disposition::Ack, true) => consumer.ack_multiple(delivery),
+        (Disposition::Reject, false) => consumer.reject(delivery, false),
+        (Disposition::Reject, true) => consumer.nack_multiple(delivery, false),
+        (Disposition::Requeue, false) => consumer.reject(delivery, true),
+        (Disposition::Requeue, true) => consumer.nack_multiple(delivery, true),
     }
 }

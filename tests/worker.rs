@@ -109,6 +109,14 @@ fn ledger_balances_under_overload() {
         assert!(std::time::Instant::now() < deadline, "queue never emptied");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let mut from = worker.line_count();
+    loop {
+        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
+        if support::daemon::Ledger::parse(&line).get("in_flight") == 0 {
+            break;
+        }
+        from = i + 1;
+    }
     let ledger = stop(&mut worker);
     let dead_letters = broker.drain(&dead);
     let expired_by_broker = dead_letters
