@@ -130,7 +130,7 @@ impl SourceThread {
 
     fn run(&mut self, control: Receiver<Control>) {
         let ld_rx = self.start();
-        let ld_rx = ld_rx.unwrap_or_else(never);
+        let mut ld_rx = ld_rx.unwrap_or_else(never);
         loop {
             let file_tick = if self.file_path().is_some() {
                 crossbeam_channel::after(self.settings.flags.file_check)
@@ -145,7 +145,9 @@ impl SourceThread {
                 recv(ld_rx) -> msg => match msg {
                     Ok(LdMessage::Data(event)) => self.apply_remote(event),
                     Ok(LdMessage::State { state, reason }) => self.remote_state(state, &reason),
-                    Err(_) => {}
+                    // The LaunchDarkly thread ended: a closed channel is always ready, so stop
+                    // selecting on it rather than spin.
+                    Err(_) => ld_rx = never(),
                 },
                 recv(file_tick) -> _ => self.check_file(),
             }

@@ -4,3 +4,4 @@
 
 pub mod broker;
 pub mod daemon;
+pub mod fake_ld;
