@@ -16,8 +16,9 @@ use flagshed::flags::{FlagValues, Origin, SourceState};
 use flagshed::launchdarkly::{self, LdHandle, LdMessage, LdSettings};
 use serde_json::json;
 use std::path::Path;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::capture::{capture_logs, captured};
 use support::daemon::TempDir;
 use support::fake_ld::{FakeLd, number_flag};
 
@@ -29,49 +30,11 @@ const SDK_KEY: &str = "sdk-7f3a9c1e-52b4-4d0e-9a61-SECRETSECRET";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
-// Log capture: every test's log lines (ureq's included, at trace level) land here, so the
-// key check covers everything this binary logged.
-
-struct Capture;
-
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-static CAPTURE: Capture = Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        let line = format!("{} {} {}", record.level(), record.target(), record.args());
-        LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-    }
-
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        log::set_logger(&CAPTURE).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Trace);
-    });
-}
-
-fn captured() -> Vec<String> {
-    LINES.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-// ---------------------------------------------------------------------------------------------
 // Helpers.
 
-/// Waits until `done` holds, checking every millisecond; panics naming `what` on timeout.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// Waits until `done` holds; panics naming `what` after [`TIMEOUT`].
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    support::capture::wait_until(what, TIMEOUT, done);
 }
 
 /// Receives messages until one matches `want`; returns it with everything received before.

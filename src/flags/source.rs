@@ -108,9 +108,9 @@ struct SourceThread {
     ready: Option<Sender<()>>,
     file_stamp: Option<FileStamp>,
     launchdarkly: Option<launchdarkly::LdHandle>,
-    /// Whether the last evaluation of each watched flag failed, so a warning is logged once per
-    /// change rather than on every re-evaluation.
-    warned: [bool; 2],
+    /// The last problem warned about for each watched flag, so a bad value is warned about once
+    /// rather than on every re-evaluation, and a different problem is warned about again.
+    warned: [Option<String>; 2],
 }
 
 impl SourceThread {
@@ -124,7 +124,7 @@ impl SourceThread {
             ready: Some(ready),
             file_stamp: None,
             launchdarkly: None,
-            warned: [false; 2],
+            warned: [None, None],
         }
     }
 
@@ -344,33 +344,27 @@ impl SourceThread {
             ),
         ];
         for (index, (which, key, fallback)) in watched.into_iter().enumerate() {
-            let outcome = self.evaluate_one(&key);
-            let value = match outcome {
+            let problem = match self.evaluate_one(&key) {
                 Evaluated::Number(v) => match which.accept(v) {
-                    Some(v) => {
-                        self.warned[index] = false;
-                        v
-                    }
-                    None => {
-                        if !self.warned[index] {
-                            log::warn!(
-                                "flag {key:?}: value {v} is out of range; keeping {}",
-                                which.current(&self.values)
-                            );
-                        }
-                        self.warned[index] = true;
-                        continue;
-                    }
+                    Some(v) => Ok(v),
+                    None => Err(format!("value {v} is out of range")),
                 },
-                Evaluated::Missing => fallback,
-                Evaluated::Bad(why) => {
-                    if !self.warned[index] {
+                Evaluated::Missing => Ok(fallback),
+                Evaluated::Bad(why) => Err(why),
+            };
+            let value = match problem {
+                Ok(value) => {
+                    self.warned[index] = None;
+                    value
+                }
+                Err(why) => {
+                    if self.warned[index].as_ref() != Some(&why) {
                         log::warn!(
                             "flag {key:?}: {why}; keeping {}",
                             which.current(&self.values)
                         );
+                        self.warned[index] = Some(why);
                     }
-                    self.warned[index] = true;
                     continue;
                 }
             };

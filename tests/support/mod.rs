@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod capture;
 pub mod daemon;
 pub mod fake_ld;
