@@ -13,6 +13,13 @@ use std::time::Duration;
 /// Where the daemons look for their configuration unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/flagshed/flagshed.toml";
 
+/// The flag file installed beside the config (`flags.file`).
+pub const DEFAULT_FLAG_FILE: &str = "/etc/flagshed/flags.json";
+
+/// Where the last good LaunchDarkly data is kept (`launchdarkly.state_file`): systemd's
+/// `StateDirectory=flagshed`.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/flagshed/flags-state.json";
+
 /// Why a configuration could not be loaded; always names the file and, where there is one,
 /// the key, so an operator can fix it without reading code.
 #[derive(Debug)]
@@ -472,7 +479,7 @@ impl Config {
 
         let f = raw.flags;
         let flags = FlagsConfig {
-            file: f.file.filter(|p| !p.as_os_str().is_empty()),
+            file: path_or_default(f.file, DEFAULT_FLAG_FILE),
             file_check: Duration::from_millis(check.range(
                 "flags.file_check_ms",
                 f.file_check_ms,
@@ -537,7 +544,7 @@ impl Config {
                 5_000,
                 0..=600_000,
             )?),
-            state_file: l.state_file.filter(|p| !p.as_os_str().is_empty()),
+            state_file: path_or_default(l.state_file, DEFAULT_STATE_FILE),
         };
 
         let lg = raw.log;
@@ -593,6 +600,15 @@ fn sdk_key_from_environment() -> Option<String> {
     Some(key.trim().to_owned()).filter(|k| !k.is_empty())
 }
 
+/// A path key: absent means the default, `""` means none.
+fn path_or_default(value: Option<PathBuf>, default: &str) -> Option<PathBuf> {
+    match value {
+        None => Some(PathBuf::from(default)),
+        Some(path) if path.as_os_str().is_empty() => None,
+        Some(path) => Some(path),
+    }
+}
+
 /// Turns a multi-line parser message into one log-friendly line.
 fn one_line(message: &str) -> String {
     message
@@ -604,11 +620,18 @@ fn one_line(message: &str) -> String {
 }
 
 /// The default context key: the host name, so LaunchDarkly rollouts spread across hosts.
+/// Read with gethostname(2), which works where /proc is hidden (systemd's `ProcSubset=pid`).
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into a buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let from_kernel = (rc == 0)
+        .then(|| {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).trim().to_owned()
+        })
+        .filter(|name| !name.is_empty());
+    from_kernel
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "localhost".to_owned())
 }

@@ -215,15 +215,44 @@ pub fn reload(
             return None;
         }
     };
-    if new.broker != current.broker {
-        log::warn!("broker settings changed; they take effect at the next restart");
-    }
-    let mut new = new;
-    new.broker = current.broker.clone();
+    let new = keep_restart_only_settings(current, new);
     logging::set_level(new.log.level);
     flags.reload(source_settings(&new, role));
     log::info!("configuration reloaded from {}", new.path.display());
     Some(new)
+}
+
+/// Settings that only take effect at a restart: the new config gets the running values back,
+/// with one warning per setting that was changed in the file.
+fn keep_restart_only_settings(current: &Config, mut new: Config) -> Config {
+    macro_rules! keep {
+        ($($section:ident . $key:ident),* $(,)?) => {$(
+            if new.$section.$key != current.$section.$key {
+                log::warn!(
+                    "{}.{} changed; it takes effect at the next restart",
+                    stringify!($section),
+                    stringify!($key)
+                );
+                new.$section.$key = current.$section.$key.clone();
+            }
+        )*};
+    }
+    if new.broker != current.broker {
+        log::warn!("[broker] settings changed; they take effect at the next restart");
+        new.broker = current.broker.clone();
+    }
+    if new.launchdarkly != current.launchdarkly {
+        log::warn!("[launchdarkly] settings changed; they take effect at the next restart");
+        new.launchdarkly = current.launchdarkly.clone();
+    }
+    keep!(
+        worker.concurrency,
+        worker.prefetch,
+        worker.ledger_file,
+        queuer.confirms,
+        queuer.ledger_file,
+    );
+    new
 }
 
 /// The flag part of the stats line: current values, their origin, the source state and age.

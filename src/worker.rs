@@ -652,28 +652,11 @@ impl Worker<'_, '_> {
         ) else {
             return;
         };
-        for (changed, key) in [
-            (
-                new.worker.concurrency != self.config.worker.concurrency,
-                "worker.concurrency",
-            ),
-            (
-                new.worker.prefetch != self.config.worker.prefetch,
-                "worker.prefetch",
-            ),
-        ] {
-            if changed {
-                log::warn!("{key} changed; it takes effect at the next restart");
-            }
-        }
         self.policy = Policy::from_config(&new);
         if new.log.stats_interval != self.config.log.stats_interval {
             self.stats = tick(new.log.stats_interval);
         }
-        let (concurrency, prefetch) = (self.config.worker.concurrency, self.config.worker.prefetch);
         self.config = new;
-        self.config.worker.concurrency = concurrency;
-        self.config.worker.prefetch = prefetch;
         self.env.notifier.ready("reloaded");
     }
 

@@ -113,9 +113,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<AllData, FlagFileError> {
     Ok(data)
 }
 
-/// Flags written by hand often leave out the empty lists and the key that LaunchDarkly's own
-/// JSON always carries; the evaluation library requires them, so they get their obvious
-/// defaults here.
+/// Flags written by hand often leave out the empty lists, the key and the rules' event flags
+/// that LaunchDarkly's own JSON always carries; the evaluation library requires them, so they
+/// get their obvious defaults here.
 fn fill_flag_defaults(object: &mut serde_json::Map<String, serde_json::Value>, key: &str) {
     use serde_json::Value;
     object
@@ -128,6 +128,11 @@ fn fill_flag_defaults(object: &mut serde_json::Map<String, serde_json::Value>, k
         object
             .entry(list)
             .or_insert_with(|| Value::Array(Vec::new()));
+    }
+    if let Some(Value::Array(rules)) = object.get_mut("rules") {
+        for rule in rules.iter_mut().filter_map(Value::as_object_mut) {
+            rule.entry("trackEvents").or_insert(Value::Bool(false));
+        }
     }
 }
 

@@ -106,7 +106,9 @@ struct SourceThread {
     store: FlagStore,
     context: Option<Context>,
     ready: Option<Sender<()>>,
-    file_stamp: Option<FileStamp>,
+    /// The flag file's stamp at the last look (`Some(None)`: it did not exist); `None` before
+    /// the first look or after a reload, to force a read.
+    file_stamp: Option<Option<FileStamp>>,
     launchdarkly: Option<launchdarkly::LdHandle>,
     /// The last problem warned about for each watched flag, so a bad value is warned about once
     /// rather than on every re-evaluation, and a different problem is warned about again.
@@ -212,10 +214,10 @@ impl SourceThread {
             return;
         };
         let now = stamp(&path);
-        if now.is_some() && now == self.file_stamp {
+        if self.file_stamp == Some(now) {
             return;
         }
-        self.file_stamp = now;
+        self.file_stamp = Some(now);
         self.load_flag_file(&path);
     }
 
@@ -298,7 +300,10 @@ impl SourceThread {
         let result = serde_json::to_vec(&self.store.snapshot())
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
-                let tmp = path.with_extension("tmp");
+                // Unique per process: a worker and a queuer on one host may share the file.
+                let mut tmp = path.as_os_str().to_owned();
+                tmp.push(format!(".{}.tmp", std::process::id()));
+                let tmp = PathBuf::from(tmp);
                 std::fs::write(&tmp, bytes)?;
                 std::fs::rename(&tmp, path)
             });
@@ -308,22 +313,12 @@ impl SourceThread {
     }
 
     fn reload(&mut self, settings: SourceSettings) {
-        if settings.launchdarkly != self.settings.launchdarkly {
-            log::warn!("launchdarkly settings changed; they take effect at the next restart");
-        }
-        let file_changed = settings.flags.file != self.settings.flags.file;
-        let launchdarkly = self.settings.launchdarkly.clone();
-        self.settings = SourceSettings {
-            launchdarkly,
-            ..settings
-        };
+        // The LaunchDarkly connection is restart-only: `daemon::reload` kept its settings.
+        self.settings = settings;
         self.context = build_context(&self.settings);
-        if file_changed {
-            self.file_stamp = None;
-        }
         // SIGHUP re-reads the flag file even when its stamp looks unchanged.
         if let Some(path) = self.file_path() {
-            self.file_stamp = stamp(&path);
+            self.file_stamp = Some(stamp(&path));
             self.load_flag_file(&path);
         }
         self.evaluate();

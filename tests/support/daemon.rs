@@ -47,12 +47,14 @@ pub struct TestConfig {
 }
 
 impl TestConfig {
-    /// A config for `queue` on the test broker, logging stats every 200 ms, no state file.
+    /// A config for `queue` on the test broker, logging stats every 200 ms, with no flag file
+    /// and no state file (whatever the machine has installed in /etc or /var/lib).
     pub fn new(queue: &str) -> TestConfig {
         TestConfig::default()
             .set("broker", "url", &toml_str(&super::broker::amqp_url()))
             .set("broker", "queue", &toml_str(queue))
             .set("broker", "durable", "false")
+            .set("flags", "file", "\"\"")
             .set("launchdarkly", "state_file", "\"\"")
             .set("log", "stats_interval_ms", "200")
     }
