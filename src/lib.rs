@@ -27,4 +27,5 @@ pub mod notify;
 pub mod queuer;
 pub mod shed;
 pub mod signals;
+pub mod throttle;
 pub mod worker;

@@ -25,12 +25,13 @@ use crate::config::{Config, ShedAction};
 use crate::daemon::{self, DaemonError, Role};
 use crate::flags::FlagValues;
 use crate::flags::source::FlagSource;
-use crate::handler::Handler;
+use crate::handler::{Handler, HandlerError};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
 use crate::notify::Notifier;
 use crate::shed::{self, Verdict};
 use crate::signals::Signal;
+use crate::throttle::Throttle;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick, unbounded};
 use std::sync::Arc;
@@ -66,6 +67,8 @@ struct Completion {
     wait_ms: Option<u64>,
     /// Deadline minus finish, for jobs that finished on time with a deadline.
     slack_ms: Option<u64>,
+    /// Why the handler failed, for the consumer thread's (throttled) warning.
+    failure: Option<HandlerError>,
 }
 
 /// The parts of the config the consumer thread applies per delivery; replaced on reload.
@@ -136,8 +139,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ready_sent: false,
         broker_down: None,
         last_stats: (Instant::now(), WorkerLedger::default()),
-        malformed_warned_at: None,
-        malformed_unwarned: 0,
+        malformed_warnings: Throttle::default(),
+        failure_warnings: Throttle::default(),
         audit,
     };
     let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_RESET_AFTER);
@@ -238,6 +241,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
         worked_ms: 0,
         wait_ms: None,
         slack_ms: None,
+        failure: None,
     };
     match shed::at_start(&task.meta, started_ms, task.drop_doomed) {
         Verdict::Expired => completion.outcome = Outcome::Expired,
@@ -249,7 +253,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
             completion.wait_ms = Some(started_ms.saturating_sub(task.meta.created_ms));
             completion.outcome = match result {
                 Err(e) => {
-                    log::warn!("job failed: {e}");
+                    completion.failure = Some(e);
                     Outcome::Failed
                 }
                 Ok(()) => match task.meta.deadline_ms {
@@ -294,8 +298,8 @@ struct Worker<'e, 'a> {
     /// Since when, and why, the broker is unreachable.
     broker_down: Option<(Instant, String)>,
     last_stats: (Instant, WorkerLedger),
-    malformed_warned_at: Option<Instant>,
-    malformed_unwarned: u64,
+    malformed_warnings: Throttle,
+    failure_warnings: Throttle,
     audit: Option<AuditLog>,
 }
 
@@ -525,6 +529,15 @@ impl Worker<'_, '_> {
         if let Some(wait) = completion.wait_ms {
             self.ledger.wait_ms.record(wait);
         }
+        if let Some(why) = &completion.failure {
+            let window = &self.window;
+            self.failure_warnings.warn(|| {
+                let id = window
+                    .get(completion.tag)
+                    .and_then(|d| d.properties.message_id().as_deref());
+                format!("job {:?} failed: {why}", id.unwrap_or("(no message_id)"))
+            });
+        }
         if !self.window.decide(completion.tag, completion.outcome) {
             // Only possible if a tag were decided twice: a bug, never input.
             log::error!("completion for unknown delivery tag {}", completion.tag);
@@ -600,28 +613,11 @@ impl Worker<'_, '_> {
         LoopEnd::Stop
     }
 
-    /// One warning per second at most: a producer sending garbage must not flood the journal.
     fn warn_malformed(&mut self, delivery: &Delivery, why: &job::Malformed) {
-        let now = Instant::now();
-        if self
-            .malformed_warned_at
-            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
-        {
-            self.malformed_unwarned += 1;
-            return;
-        }
-        let id = delivery
-            .properties
-            .message_id()
-            .as_deref()
-            .unwrap_or("(no message_id)");
-        let also = std::mem::take(&mut self.malformed_unwarned);
-        if also > 0 {
-            log::warn!("malformed job {id:?}: {why} (and {also} more since the last warning)");
-        } else {
-            log::warn!("malformed job {id:?}: {why}");
-        }
-        self.malformed_warned_at = Some(now);
+        self.malformed_warnings.warn(|| {
+            let id = delivery.properties.message_id().as_deref();
+            format!("malformed job {:?}: {why}", id.unwrap_or("(no message_id)"))
+        });
     }
 
     /// Stops taking jobs: cancels the consumer and hands unstarted jobs back to the queue.
@@ -707,5 +703,67 @@ fn send_frame(
         (Disposition::Reject, true) => consumer.nack_multiple(delivery, false),
         (Disposition::Requeue, false) => consumer.reject(delivery, true),
         (Disposition::Requeue, true) => consumer.nack_multiple(delivery, true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Failing;
+
+    impl Handler for Failing {
+        fn handle(&self, _: &JobMeta, _: &[u8]) -> Result<(), HandlerError> {
+            Err(HandlerError("downstream refused".into()))
+        }
+    }
+
+    fn task(deadline_in_ms: Option<u64>, work_ms: u64) -> Task {
+        let now = now_ms();
+        Task {
+            generation: 1,
+            tag: 7,
+            meta: JobMeta {
+                id_hash: 0,
+                created_ms: now,
+                deadline_ms: deadline_in_ms.map(|d| now + d),
+                work_ms,
+            },
+            drop_doomed: true,
+            body: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_handler_error_is_a_failed_job_with_its_reason() {
+        let completion = run_task(&task(Some(60_000), 0), &Failing);
+        assert_eq!(completion.outcome, Outcome::Failed);
+        assert_eq!(
+            completion.failure.map(|e| e.to_string()).as_deref(),
+            Some("downstream refused")
+        );
+    }
+
+    #[test]
+    fn deadline_is_checked_again_at_start() {
+        let handler = crate::handler::SimulatedHandler;
+        let expired = task(Some(0), 0);
+        assert_eq!(run_task(&expired, &handler).outcome, Outcome::Expired);
+        let doomed = task(Some(60_000), 120_000);
+        let completion = run_task(&doomed, &handler);
+        assert_eq!(completion.outcome, Outcome::Doomed);
+        assert_eq!(completion.worked_ms, 0, "no work spent");
+    }
+
+    #[test]
+    fn finishing_after_the_deadline_is_late() {
+        let mut late = task(Some(5), 30);
+        late.drop_doomed = false;
+        let completion = run_task(&late, &crate::handler::SimulatedHandler);
+        assert_eq!(completion.outcome, Outcome::Late);
+        assert!(completion.worked_ms >= 30);
+        let on_time = run_task(&task(Some(60_000), 0), &crate::handler::SimulatedHandler);
+        assert_eq!(on_time.outcome, Outcome::Done);
+        assert!(on_time.slack_ms.is_some_and(|s| s > 50_000));
     }
 }
