@@ -194,14 +194,7 @@ fn wait_progress(worker: &Daemon, n: u64) {
         .last_line("stats role=worker")
         .map(|l| Ledger::parse(&l).get("received"))
         .unwrap_or(0);
-    let mut from = worker.line_count();
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        if Ledger::parse(&line).get("received") >= start + n {
-            return;
-        }
-        from = i + 1;
-    }
+    worker.wait_for_new_stats(|s| s.get("received") >= start + n);
 }
 
 /// What happened to every confirmed job.
@@ -345,19 +338,6 @@ fn sigterm_of_a_worker_under_load_then_restart_loses_nothing() {
     scenario.finish(queuer, vec![replacement], 0);
 }
 
-/// Waits for a stats line of `daemon` with `key=value`.
-fn wait_field(daemon: &Daemon, role: &str, key: &str, value: &str) -> Ledger {
-    let mut from = daemon.line_count().saturating_sub(1);
-    loop {
-        let (i, line) = daemon.wait_for_line_from(from, &format!("stats role={role}"), WAIT);
-        let stats = Ledger::parse(&line);
-        if stats.text(key) == value {
-            return stats;
-        }
-        from = i + 1;
-    }
-}
-
 fn launchdarkly_with(skip_rate: f64, version: u64) -> FakeLd {
     let fake = FakeLd::start();
     fake.set_flag(number_flag("task-rate", 1, 60.0));
@@ -379,12 +359,12 @@ fn flag_service_outage_keeps_the_last_values_and_picks_up_a_change_after() {
     );
     let worker = scenario.worker();
     let queuer = scenario.queuer();
-    wait_field(&worker, "worker", "flag_source", "valid");
+    worker.wait_for_new_stats(|s| s.text("flag_source") == "valid");
     wait_progress(&worker, 60);
     // The service fails: streams cut, then 500s for the next attempts.
     fake.fail_next(4, 500);
     fake.drop_streams();
-    let stats = wait_field(&worker, "worker", "flag_source", "interrupted");
+    let stats = worker.wait_for_new_stats(|s| s.text("flag_source") == "interrupted");
     assert_eq!(
         stats.text("skip_rate"),
         "10",
@@ -393,9 +373,9 @@ fn flag_service_outage_keeps_the_last_values_and_picks_up_a_change_after() {
     wait_progress(&worker, 60);
     // It comes back with a changed value.
     fake.set_flag(number_flag("skip-rate", 2, 20.0));
-    let stats = wait_field(&worker, "worker", "skip_rate", "20");
+    let stats = worker.wait_for_new_stats(|s| s.text("skip_rate") == "20");
     assert_eq!(stats.text("flags"), "live");
-    wait_field(&queuer, "queuer", "flag_source", "valid");
+    queuer.wait_for_new_stats(|s| s.text("flag_source") == "valid");
     wait_progress(&worker, 60);
     assert_eq!(
         worker.log().matches("flag source interrupted").count(),
@@ -423,7 +403,7 @@ fn flag_service_never_reachable_runs_on_fallbacks_or_the_state_file() {
     );
     let worker = scenario.worker();
     let queuer = scenario.queuer();
-    let stats = wait_field(&worker, "worker", "flags", "fallback");
+    let stats = worker.wait_for_new_stats(|s| s.text("flags") == "fallback");
     assert_eq!(stats.text("skip_rate"), "10", "{stats:?}");
     assert_eq!(stats.text("flag_source"), "interrupted", "{stats:?}");
     wait_progress(&worker, 100);
@@ -445,7 +425,7 @@ fn flag_service_never_reachable_runs_on_fallbacks_or_the_state_file() {
     );
     let worker = scenario.worker();
     let queuer = scenario.queuer();
-    let stats = wait_field(&worker, "worker", "flags", "cached");
+    let stats = worker.wait_for_new_stats(|s| s.text("flags") == "cached");
     assert_eq!(stats.text("skip_rate"), "40", "{stats:?}");
     wait_progress(&worker, 100);
     let audit = scenario.finish(queuer, vec![worker], 0);

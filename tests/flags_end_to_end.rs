@@ -7,23 +7,11 @@ mod support;
 use amiquip::AmqpValue;
 use std::time::Duration;
 use support::broker::{TestBroker, unique_name};
-use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
+use support::daemon::{Bin, Daemon, TempDir, TestConfig, toml_str};
 use support::fake_ld::{FakeLd, number_flag};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SDK_KEY: &str = "sdk-e2e-0123456789-secret";
-
-fn wait_stats(worker: &Daemon, done: impl Fn(&Ledger) -> bool) -> Ledger {
-    let mut from = 0;
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        let stats = Ledger::parse(&line);
-        if done(&stats) {
-            return stats;
-        }
-        from = i + 1;
-    }
-}
 
 fn publish(broker: &TestBroker, queue: &str, batch: &str, n: usize) {
     for i in 0..n {
@@ -59,21 +47,17 @@ fn a_patch_from_launchdarkly_changes_the_skip_share_and_survives_a_restart() {
     let env = [("LAUNCHDARKLY_SDK_KEY", SDK_KEY), ("RUST_LOG", "debug")];
     let mut worker = Daemon::start_with_env(Bin::Worker, &config, &env);
     worker.wait_for_line("consuming from queue", WAIT);
-    let stats = wait_stats(&worker, |s| s.text("flags") == "live");
+    let stats = worker.wait_for_stats(|s| s.text("flags") == "live");
     assert_eq!(stats.text("skip_rate"), "0", "{stats:?}");
 
     publish(&broker, &queue, "before", 1000);
-    let stats = wait_stats(&worker, |s| {
-        s.get("received") == 1000 && s.get("in_flight") == 0
-    });
+    let stats = worker.wait_for_stats(|s| s.get("received") == 1000 && s.get("in_flight") == 0);
     assert_eq!(stats.get("skipped"), 0);
 
     fake.push_patch_flag(number_flag("skip-rate", 2, 50.0));
     worker.wait_for_line("skip_rate=50", WAIT);
     publish(&broker, &queue, "after", 2000);
-    let stats = wait_stats(&worker, |s| {
-        s.get("received") == 3000 && s.get("in_flight") == 0
-    });
+    let stats = worker.wait_for_stats(|s| s.get("received") == 3000 && s.get("in_flight") == 0);
     let share = stats.get("skipped") as f64 / 2000.0;
     assert!(
         (0.45..=0.55).contains(&share),
@@ -92,7 +76,7 @@ fn a_patch_from_launchdarkly_changes_the_skip_share_and_survives_a_restart() {
     drop(fake);
     let mut restarted = Daemon::start_with_env(Bin::Worker, &config, &env);
     restarted.wait_for_line("flag state restored", WAIT);
-    let stats = wait_stats(&restarted, |s| s.text("flags") == "cached");
+    let stats = restarted.wait_for_stats(|s| s.text("flags") == "cached");
     assert_eq!(stats.text("skip_rate"), "50", "{stats:?}");
     assert_ne!(stats.text("flag_source"), "valid", "{stats:?}");
     restarted.signal(libc::SIGTERM);

@@ -107,19 +107,12 @@ fn rate_zero_pauses_publishing() {
         .write(&dir, "flagshed.toml");
     let mut queuer = Daemon::start(Bin::Queuer, &config);
     // Two stats periods at rate 0: nothing sent.
-    let (i, _) = queuer.wait_for_line_from(0, "stats role=queuer", WAIT);
-    let (_, line) = queuer.wait_for_line_from(i + 1, "stats role=queuer", WAIT);
-    assert!(line.contains(" sent=0 "), "{line}");
+    let (i, _) = queuer.wait_for_stats_from(0, |_| true);
+    let (_, stats) = queuer.wait_for_stats_from(i + 1, |_| true);
+    assert_eq!(stats.get("sent"), 0, "{stats:?}");
     // The operator raises the rate: publishing starts without a restart.
     dir.write("flags.json", r#"{"flagValues": {"task-rate": 200}}"#);
-    let mut from = 0;
-    loop {
-        let (i, line) = queuer.wait_for_line_from(from, "stats role=queuer", WAIT);
-        if support::daemon::Ledger::parse(&line).get("published") > 0 {
-            break;
-        }
-        from = i + 1;
-    }
+    queuer.wait_for_stats(|s| s.get("published") > 0);
     queuer.signal(libc::SIGTERM);
     assert!(queuer.wait_exit(WAIT).success());
     let ledger = queuer.final_ledger();
@@ -176,22 +169,9 @@ fn queuer_reconnects_and_counts_unconfirmed_publishes_as_lost() {
     assert_eq!(closed, 1);
     let (i, _) = queuer.wait_for_line_from(0, "reconnected to RabbitMQ", WAIT);
     // Publishing resumes on the new connection.
-    let mut from = i + 1;
-    let before = loop {
-        let (j, line) = queuer.wait_for_line_from(from, "stats role=queuer", WAIT);
-        let stats = support::daemon::Ledger::parse(&line);
-        if stats.text("broker") == "up" {
-            break stats.get("published");
-        }
-        from = j + 1;
-    };
-    loop {
-        let (j, line) = queuer.wait_for_line_from(from, "stats role=queuer", WAIT);
-        if support::daemon::Ledger::parse(&line).get("published") > before + 50 {
-            break;
-        }
-        from = j + 1;
-    }
+    let (j, stats) = queuer.wait_for_stats_from(i + 1, |s| s.text("broker") == "up");
+    let before = stats.get("published");
+    queuer.wait_for_stats_from(j + 1, |s| s.get("published") > before + 50);
     queuer.signal(libc::SIGTERM);
     assert!(queuer.wait_exit(WAIT).success(), "{}", queuer.log());
     let ledger = queuer.final_ledger();

@@ -6,7 +6,7 @@ use amiquip::AmqpValue;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 use support::broker::{TestBroker, unique_name};
-use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
+use support::daemon::{Bin, Daemon, TempDir, TestConfig, toml_str};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -30,19 +30,6 @@ fn expect_notify(socket: &UnixDatagram, needle: &str, seen: &mut Vec<String>) ->
         }
     }
     panic!("no sd_notify message containing {needle:?}; got {seen:?}");
-}
-
-/// Waits for a worker stats line satisfying `done`.
-fn wait_stats(worker: &Daemon, done: impl Fn(&Ledger) -> bool) -> Ledger {
-    let mut from = 0;
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        let stats = Ledger::parse(&line);
-        if done(&stats) {
-            return stats;
-        }
-        from = i + 1;
-    }
 }
 
 #[test]
@@ -105,7 +92,7 @@ fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
         }
     };
     publish(20, "before");
-    wait_stats(&worker, |s| s.get("done") == 20);
+    worker.wait_for_stats(|s| s.get("done") == 20);
 
     // Valid change: skip everything.
     base.clone()
@@ -115,7 +102,7 @@ fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
     worker.wait_for_line("configuration reloaded", WAIT);
     worker.wait_for_line("skip_rate=100", WAIT);
     publish(20, "skipped");
-    wait_stats(&worker, |s| s.get("skipped") == 20);
+    worker.wait_for_stats(|s| s.get("skipped") == 20);
 
     // Invalid change: refused, the daemon keeps running on the previous config.
     dir.write("flagshed.toml", "[worker]\nconcurrency = \"many\"\n");
@@ -123,9 +110,7 @@ fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
     let refused = worker.wait_for_line("reload refused", WAIT);
     assert!(refused.contains("worker.concurrency"), "{refused}");
     publish(5, "after");
-    let stats = wait_stats(&worker, |s| {
-        s.get("received") == 45 && s.get("in_flight") == 0
-    });
+    let stats = worker.wait_for_stats(|s| s.get("received") == 45 && s.get("in_flight") == 0);
     assert_eq!(
         stats.get("skipped"),
         25,
@@ -177,7 +162,7 @@ fn second_sigterm_stops_at_once_and_running_jobs_return_to_the_queue() {
         .set("worker", "prefetch", "4")
         .write(&dir, "flagshed.toml");
     let mut worker = Daemon::start(Bin::Worker, &config);
-    wait_stats(&worker, |s| s.get("received") == 4);
+    worker.wait_for_stats(|s| s.get("received") == 4);
     worker.signal(libc::SIGTERM);
     worker.wait_for_line("stopping: draining", WAIT);
     worker.signal(libc::SIGTERM);

@@ -15,15 +15,7 @@ fn int(ms: u64) -> AmqpValue {
 
 /// Waits until the worker's stats line reports `received` deliveries and none in flight.
 fn wait_settled(worker: &Daemon, received: u64) {
-    let mut from = 0;
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        let stats = support::daemon::Ledger::parse(&line);
-        if stats.get("received") >= received && stats.get("in_flight") == 0 {
-            return;
-        }
-        from = i + 1;
-    }
+    worker.wait_for_stats(|s| s.get("received") >= received && s.get("in_flight") == 0);
 }
 
 fn stop(worker: &mut Daemon) -> support::daemon::Ledger {
@@ -109,14 +101,7 @@ fn ledger_balances_under_overload() {
         assert!(std::time::Instant::now() < deadline, "queue never emptied");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut from = worker.line_count();
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        if support::daemon::Ledger::parse(&line).get("in_flight") == 0 {
-            break;
-        }
-        from = i + 1;
-    }
+    worker.wait_for_new_stats(|s| s.get("in_flight") == 0);
     let ledger = stop(&mut worker);
     let dead_letters = broker.drain(&dead);
     let expired_by_broker = dead_letters
@@ -324,8 +309,8 @@ fn unreachable_broker_is_logged_once_and_retried() {
     for _ in 0..4 {
         worker.wait_for_line_from(i + 1, "broker=down", WAIT);
     }
-    let (i, _) = worker.wait_for_line_from(i + 1, "stats role=worker", WAIT);
-    worker.wait_for_line_from(i + 1, "stats role=worker", WAIT);
+    let (i, _) = worker.wait_for_stats_from(i + 1, |_| true);
+    worker.wait_for_stats_from(i + 1, |_| true);
     worker.signal(libc::SIGTERM);
     assert!(worker.wait_exit(WAIT).success());
     let log = worker.log();
@@ -375,15 +360,7 @@ fn sigterm_drains_without_losing_a_job() {
         .write(&dir, "flagshed.toml");
     let mut worker = Daemon::start(Bin::Worker, &config);
     // Wait until work is under way: some done, some in flight.
-    let mut from = 0;
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        let stats = support::daemon::Ledger::parse(&line);
-        if stats.get("done") >= 2 && stats.get("in_flight") >= 2 {
-            break;
-        }
-        from = i + 1;
-    }
+    worker.wait_for_stats(|s| s.get("done") >= 2 && s.get("in_flight") >= 2);
     let ledger = stop(&mut worker);
     assert_eq!(ledger.text("balanced"), "true", "{ledger:?}");
     assert_eq!(ledger.get("returned_unacked"), 0);
@@ -425,28 +402,13 @@ fn worker_reconnects_after_the_broker_closes_its_connection() {
         .set("worker", "prefetch", "4")
         .write(&dir, "flagshed.toml");
     let mut worker = Daemon::start(Bin::Worker, &config);
-    let mut from = 0;
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        if support::daemon::Ledger::parse(&line).get("done") >= 4 {
-            break;
-        }
-        from = i + 1;
-    }
+    worker.wait_for_stats(|s| s.get("done") >= 4);
     let closed = support::broker::close_connections_matching(&format!("queue={queue} "));
     assert_eq!(closed, 1, "one worker connection");
     worker.wait_for_line("lost RabbitMQ", WAIT);
     worker.wait_for_line("reconnected to RabbitMQ", WAIT);
     wait_settled(&worker, 40);
-    let mut from = 0;
-    let stats = loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        let stats = support::daemon::Ledger::parse(&line);
-        if stats.get("done") == 40 && stats.get("in_flight") == 0 {
-            break stats;
-        }
-        from = i + 1;
-    };
+    let stats = worker.wait_for_stats(|s| s.get("done") == 40 && s.get("in_flight") == 0);
     assert!(stats.get("returned") > 0, "held jobs went back: {stats:?}");
     assert_eq!(
         stats.get("received"),

@@ -9,6 +9,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How long a test waits for a stats line it expects: generous, since a loaded CI machine
+/// stalls, and a test that waits this long has failed anyway.
+pub const STATS_WAIT: Duration = Duration::from_secs(90);
+
 /// A directory removed when the test ends.
 pub struct TempDir(PathBuf);
 
@@ -220,6 +224,34 @@ impl Daemon {
     /// Waits for the first line containing `needle`.
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
         self.wait_for_line_from(0, needle, timeout).1
+    }
+
+    /// Waits for a stats line, at or after line `from`, whose fields satisfy `done`; returns
+    /// its index and fields. Panics with the log after [`STATS_WAIT`].
+    pub fn wait_for_stats_from(
+        &self,
+        from: usize,
+        done: impl Fn(&Ledger) -> bool,
+    ) -> (usize, Ledger) {
+        let mut from = from;
+        loop {
+            let (i, line) = self.wait_for_line_from(from, "stats role=", STATS_WAIT);
+            let stats = Ledger::parse(&line);
+            if done(&stats) {
+                return (i, stats);
+            }
+            from = i + 1;
+        }
+    }
+
+    /// Waits for a stats line, anywhere in the log, whose fields satisfy `done`.
+    pub fn wait_for_stats(&self, done: impl Fn(&Ledger) -> bool) -> Ledger {
+        self.wait_for_stats_from(0, done).1
+    }
+
+    /// Waits for a stats line logged from now on whose fields satisfy `done`.
+    pub fn wait_for_new_stats(&self, done: impl Fn(&Ledger) -> bool) -> Ledger {
+        self.wait_for_stats_from(self.line_count(), done).1
     }
 
     /// Sends a signal (`libc::SIGTERM`, `libc::SIGHUP`, ...).
