@@ -7,6 +7,7 @@
 //!
 //! Errors never carry the broker URL, only host, port and vhost: the URL may hold a password.
 
+use crate::backoff::Backoff;
 use crate::config::{BrokerConfig, QueueType};
 use amiquip::{
     AmqpValue, Auth, Channel, Connection, ConnectionOptions, ConnectionTuning, FieldTable,
@@ -161,6 +162,33 @@ impl Session {
             log::debug!("closing connection: {e}");
         }
     }
+}
+
+/// The reconnection schedule both daemons use: quick first retries (250 ms) so a restarted
+/// broker is used again within seconds, doubling to a low cap (5 s) because only our own
+/// broker is at stake, starting over after a connection lasted 30 s.
+pub fn reconnect_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_millis(250),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    )
+}
+
+/// Connects, hands the session to `use_session`, and closes it afterwards, telling `backoff`
+/// how long the connection lasted. A failure to connect comes back as its message.
+pub fn with_session<T>(
+    config: &BrokerConfig,
+    program: &str,
+    backoff: &mut Backoff,
+    use_session: impl FnOnce(&Session) -> T,
+) -> Result<T, String> {
+    let connected_at = std::time::Instant::now();
+    let session = connect(config, program).map_err(|e| e.to_string())?;
+    let result = use_session(&session);
+    session.close();
+    backoff.connection_ended(connected_at.elapsed());
+    Ok(result)
 }
 
 /// Connects with `TCP_NODELAY`, opens a channel and declares the job queue. `program` names

@@ -11,7 +11,6 @@
 //! sent again), and the loop reconnects with backoff.
 
 use crate::audit::AuditLog;
-use crate::backoff::Backoff;
 use crate::broker::{self, Session};
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -33,11 +32,6 @@ const MAX_PACING_SLEEP: Duration = Duration::from_millis(50);
 
 /// Credit may build up to this much time's worth of jobs, and no more.
 const MAX_BURST: Duration = Duration::from_millis(10);
-
-/// Reconnection schedule for the broker (as the worker's).
-const RECONNECT_FIRST: Duration = Duration::from_millis(250);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-const RECONNECT_RESET_AFTER: Duration = Duration::from_secs(30);
 
 /// What the queuer needs from the daemon around it.
 pub struct QueuerEnv<'a> {
@@ -71,18 +65,13 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
         broker_down: None,
         last_stats: (Instant::now(), 0),
     };
-    let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_RESET_AFTER);
+    let mut backoff = broker::reconnect_backoff();
+    let broker_config = queuer.config.broker.clone();
     loop {
-        let connected_at = Instant::now();
-        let end = match broker::connect(&queuer.config.broker, "taskqueuer") {
-            Ok(session) => {
-                let end = queuer.publish_on(&session);
-                session.close();
-                backoff.connection_ended(connected_at.elapsed());
-                end
-            }
-            Err(e) => LoopEnd::Lost(e.to_string()),
-        };
+        let end = broker::with_session(&broker_config, "taskqueuer", &mut backoff, |session| {
+            queuer.publish_on(session)
+        })
+        .unwrap_or_else(LoopEnd::Lost);
         match end {
             LoopEnd::Stop => break,
             LoopEnd::Retry => {}

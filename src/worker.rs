@@ -18,7 +18,6 @@
 
 use crate::ack_window::{AckWindow, Disposition};
 use crate::audit::AuditLog;
-use crate::backoff::Backoff;
 use crate::broker::{self, Session};
 use crate::clock::now_ms;
 use crate::config::{Config, ShedAction};
@@ -36,12 +35,6 @@ use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick, unbounded};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Reconnection schedule for the broker: quick first retries so a restarted broker is used
-/// again within seconds, capped low because only our own broker is at stake.
-const RECONNECT_FIRST: Duration = Duration::from_millis(250);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-const RECONNECT_RESET_AFTER: Duration = Duration::from_secs(30);
 
 /// How long a decision may wait to be batched with others into one ack frame. Short enough
 /// that a job's ack is not noticeably late; long enough to batch at a few hundred jobs/s.
@@ -143,37 +136,29 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         failure_warnings: Throttle::default(),
         audit,
     };
-    let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_RESET_AFTER);
-    let result = loop {
-        let connected_at = Instant::now();
-        let end = match broker::connect(&worker.config.broker, "taskworker") {
-            Ok(session) => {
-                let end = worker.consume(&session);
-                session.close();
-                backoff.connection_ended(connected_at.elapsed());
-                end
-            }
-            Err(e) => Ok(LoopEnd::Lost(e.to_string())),
-        };
+    let mut backoff = broker::reconnect_backoff();
+    let broker_config = worker.config.broker.clone();
+    loop {
+        let end = broker::with_session(&broker_config, "taskworker", &mut backoff, |session| {
+            worker.consume(session)
+        })
+        .unwrap_or_else(LoopEnd::Lost);
         match end {
-            Ok(LoopEnd::Stop) => break Ok(()),
-            Err(e) => break Err(e),
-            Ok(LoopEnd::Lost(reason)) => {
+            LoopEnd::Stop => break,
+            LoopEnd::Retry => {}
+            LoopEnd::Lost(reason) => {
                 worker.forget_connection(&reason);
                 if worker.draining.is_some() {
                     // Stopping anyway: the broker has the unsettled jobs back.
-                    break Ok(());
+                    break;
                 }
-                match worker.pass(None, Some(Instant::now() + backoff.next_delay())) {
-                    Ok(LoopEnd::Retry) => {}
-                    Ok(LoopEnd::Stop) => break Ok(()),
-                    Ok(LoopEnd::Lost(_)) => {}
-                    Err(e) => break Err(e),
+                let retry_at = Instant::now() + backoff.next_delay();
+                if let LoopEnd::Stop = worker.pass(None, Some(retry_at)) {
+                    break;
                 }
             }
-            Ok(LoopEnd::Retry) => {}
         }
-    };
+    }
 
     let Worker {
         ledger,
@@ -196,7 +181,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ledger.received == ledger.settled() + ledger.returned + abandoned
     ));
     log::info!("{line}");
-    result.map(|()| ledger)
+    Ok(ledger)
 }
 
 fn start_pool(
@@ -305,7 +290,7 @@ struct Worker<'e, 'a> {
 
 impl Worker<'_, '_> {
     /// Sets up one connection's consumer and runs the loop on it.
-    fn consume(&mut self, session: &Session) -> Result<LoopEnd, DaemonError> {
+    fn consume(&mut self, session: &Session) -> LoopEnd {
         let setup = session
             .channel
             .qos(0, self.config.worker.prefetch, false)
@@ -318,7 +303,7 @@ impl Worker<'_, '_> {
             });
         let consumer = match setup {
             Ok(consumer) => consumer,
-            Err(e) => return Ok(LoopEnd::Lost(e.to_string())),
+            Err(e) => return LoopEnd::Lost(e.to_string()),
         };
         self.generation += 1;
         self.cancelled = false;
@@ -373,11 +358,7 @@ impl Worker<'_, '_> {
 
     /// One run of the select loop: on a live consumer, or (with `None`) while waiting to
     /// reconnect until `retry_at`.
-    fn pass(
-        &mut self,
-        consumer: Option<&Consumer<'_>>,
-        retry_at: Option<Instant>,
-    ) -> Result<LoopEnd, DaemonError> {
+    fn pass(&mut self, consumer: Option<&Consumer<'_>>, retry_at: Option<Instant>) -> LoopEnd {
         let closed = never();
         let watchdog = self
             .env
@@ -401,12 +382,12 @@ impl Worker<'_, '_> {
                     match message {
                         Ok(ConsumerMessage::Delivery(delivery)) => {
                             if let Err(reason) = self.on_delivery(delivery) {
-                                return Ok(LoopEnd::Lost(reason));
+                                return LoopEnd::Lost(reason);
                             }
                         }
                         Ok(ConsumerMessage::ClientCancelled) => self.cancelled = true,
-                        Ok(other) => return Ok(LoopEnd::Lost(format!("consumer ended: {other:?}"))),
-                        Err(_) => return Ok(LoopEnd::Lost("consumer channel closed".into())),
+                        Ok(other) => return LoopEnd::Lost(format!("consumer ended: {other:?}")),
+                        Err(_) => return LoopEnd::Lost("consumer channel closed".into()),
                     }
                 },
                 recv(done_rx) -> completion => {
@@ -416,12 +397,12 @@ impl Worker<'_, '_> {
                 }
                 recv(signals) -> signal => match signal {
                     Ok(Signal::Stop) if self.draining.is_some() || consumer.is_none() => {
-                        return Ok(self.stop_now(consumer, "stopping now"));
+                        return self.stop_now(consumer, "stopping now");
                     }
                     Ok(Signal::Stop) => {
                         if let Some(consumer) = consumer {
                             if let Err(reason) = self.start_drain(consumer) {
-                                return Ok(LoopEnd::Lost(reason));
+                                return LoopEnd::Lost(reason);
                             }
                         }
                     }
@@ -436,18 +417,18 @@ impl Worker<'_, '_> {
                 },
                 recv(watchdog) -> _ => self.env.notifier.watchdog(),
                 recv(grace_end) -> _ => {
-                    return Ok(self.stop_now(consumer, "drain grace period over"));
+                    return self.stop_now(consumer, "drain grace period over");
                 },
                 recv(flush_timer) -> _ => {}
-                recv(retry) -> _ => return Ok(LoopEnd::Retry),
+                recv(retry) -> _ => return LoopEnd::Retry,
             }
             if let Some(consumer) = consumer {
                 if let Err(reason) = self.maybe_flush(consumer) {
-                    return Ok(LoopEnd::Lost(reason));
+                    return LoopEnd::Lost(reason);
                 }
             }
             if self.draining.is_some() && self.cancelled && self.window.is_empty() {
-                return Ok(LoopEnd::Stop);
+                return LoopEnd::Stop;
             }
         }
     }
