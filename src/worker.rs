@@ -32,7 +32,7 @@ use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use crate::throttle::Throttle;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
-use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick, unbounded};
+use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,7 +108,11 @@ enum LoopEnd {
 pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonError> {
     let prefetch = config.worker.prefetch;
     let (task_tx, task_rx) = bounded::<Task>(usize::from(prefetch));
-    let (done_tx, done_rx) = unbounded::<Completion>();
+    // Bounded, so a completion costs no allocation: at most `prefetch` tasks of the current
+    // connection and the few still running from an old one are ever outstanding, and only the
+    // consumer thread, which never blocks on the pool, receives.
+    let (done_tx, done_rx) =
+        bounded::<Completion>(usize::from(prefetch) + config.worker.concurrency);
     let pool = start_pool(config.worker.concurrency, &task_rx, &done_tx, &env.handler)?;
     drop(done_tx);
 
