@@ -6,3 +6,4 @@ pub mod broker;
 pub mod capture;
 pub mod daemon;
 pub mod fake_ld;
+pub mod raw_amqp;
