@@ -5,6 +5,7 @@
 //! load per value and never blocks, allocates or logs because of flags; everything slow
 //! (files, HTTP, JSON, rule evaluation) happens on the source thread, which stores results.
 
+pub mod evaluate;
 pub mod file;
 pub mod source;
 pub mod store;

@@ -5,13 +5,14 @@
 //! after every change, and stores the results into [`FlagValues`]. Other threads reach it only
 //! through [`FlagSource`] (reload, stop) and only read what it stores.
 
+use super::evaluate::{Evaluated, evaluate_number};
 use super::file::{self, FlagFileError};
 use super::store::{AllData, DataEvent, FlagStore};
 use super::{FlagValues, Origin, SourceState, Watched};
 use crate::config::{FlagsConfig, LaunchDarklyConfig};
 use crate::launchdarkly::{self, LdMessage};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select, unbounded};
-use launchdarkly_server_sdk_evaluation::{Context, ContextBuilder, evaluate};
+use launchdarkly_server_sdk_evaluation::{Context, ContextBuilder};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -373,29 +374,11 @@ impl SourceThread {
     }
 
     fn evaluate_one(&self, key: &str) -> Evaluated {
-        use launchdarkly_server_sdk_evaluation::Store;
-        let Some(flag) = self.store.flag(key) else {
-            return Evaluated::Missing;
-        };
-        let Some(context) = &self.context else {
-            return Evaluated::Bad("no valid evaluation context".into());
-        };
-        let detail = evaluate(&self.store, &flag, context, None);
-        match detail.value {
-            Some(value) => match value.as_float() {
-                Some(number) => Evaluated::Number(number),
-                None => Evaluated::Bad(format!("value {value:?} is not a number")),
-            },
-            None => Evaluated::Bad(format!("evaluation gave no value ({:?})", detail.reason)),
+        match &self.context {
+            Some(context) => evaluate_number(&self.store, key, context),
+            None => Evaluated::Bad("no valid evaluation context".into()),
         }
     }
-}
-
-enum Evaluated {
-    Number(f64),
-    /// The flag does not exist (never defined or deleted): the fallback applies.
-    Missing,
-    Bad(String),
 }
 
 /// The context LaunchDarkly rules see: kind and key from the config, and attributes an
