@@ -298,13 +298,15 @@ impl Queuer<'_, '_> {
             || self.ledger.unconfirmed() < self.config.queuer.confirm_window as u64
     }
 
-    /// How long to sleep: until the next job is due, but never past [`MAX_PACING_SLEEP`].
+    /// How long to sleep: until the next job is due, but never past [`MAX_PACING_SLEEP`]. With
+    /// the confirm window full, nothing can be sent before a confirm arrives, and the confirm
+    /// wakes the loop: sleeping 0 there would spin, taking a core from the broker.
     fn pacing_wait(&self, credit: f64) -> Duration {
         if let Some(end) = self.stopping {
             return end.saturating_duration_since(Instant::now());
         }
         let rate = self.env.values.rate_per_sec();
-        if rate > 0.0 && !self.limit_reached() {
+        if rate > 0.0 && !self.limit_reached() && self.window_open() {
             Duration::from_secs_f64(((1.0 - credit) / rate).max(0.0)).min(MAX_PACING_SLEEP)
         } else {
             MAX_PACING_SLEEP
