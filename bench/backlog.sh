@@ -12,7 +12,7 @@ jobs=${1:-1000000} prefetch=${2:-200}
 bin=target/release
 dir=$(mktemp -d /tmp/flagshed-backlog.XXXXXX)
 queue="backlog.$$"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
 
 cat >"$dir/flagshed.toml" <<TOML
 [broker]
@@ -48,7 +48,7 @@ worker=$!
 t2=$(date +%s.%N)
 printf '%8s %12s %10s\n' elapsed_s rss_kb received
 while :; do
-  received=$(grep 'stats role=worker' "$dir/worker.log" | tail -1 | tr ' ' '\n' | awk -F= '$1=="received"{print $2}')
+  received=$( (grep 'stats role=worker' "$dir/worker.log" || true) | tail -1 | tr ' ' '\n' | awk -F= '$1=="received"{print $2}')
   printf '%8.1f %12s %10s\n' "$(echo "$(date +%s.%N) - $t2" | bc -l)" \
     "$(awk '$1=="VmRSS:"{print $2}' /proc/$worker/status)" "${received:-0}"
   [ "${received:-0}" -ge "$jobs" ] && break

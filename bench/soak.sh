@@ -41,7 +41,7 @@ sleep 1
 queuer=$!
 
 field() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
-stat() { grep 'stats role=' "$1" | tail -1 | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k { print $2 }'; }
+stat() { (grep 'stats role=' "$1" || true) | tail -1 | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k { print $2 }'; }
 
 printf '%8s %12s %8s %12s %8s %10s %10s\n' elapsed_s worker_rss_kb threads queuer_rss_kb threads received published
 start=$(date +%s)
