@@ -142,7 +142,7 @@ impl Scenario {
 
     /// Stops the queuer, lets the workers empty the queue, stops them, and audits.
     fn finish(&self, mut queuer: Daemon, mut workers: Vec<Daemon>, allowed_twice: u64) -> Audit {
-        stop(&mut queuer);
+        queuer.stop();
         let broker = TestBroker::connect();
         let end = Instant::now() + WAIT;
         while broker.ready_count(&self.queue) > 0 {
@@ -150,7 +150,7 @@ impl Scenario {
             std::thread::sleep(Duration::from_millis(100));
         }
         for worker in &mut workers {
-            stop(worker);
+            worker.stop();
         }
         let dead_letters = broker.drain(&self.dead);
         let left = broker.drain(&self.queue);
@@ -180,12 +180,6 @@ impl Drop for Scenario {
             broker.owns_exchange(&self.dlx);
         }
     }
-}
-
-fn stop(daemon: &mut Daemon) {
-    daemon.signal(libc::SIGTERM);
-    let status = daemon.wait_exit(WAIT);
-    assert!(status.success(), "exit {status:?}; log:\n{}", daemon.log());
 }
 
 /// Waits until the worker has settled at least `n` more jobs than it had at log line `from`.
@@ -331,7 +325,7 @@ fn sigterm_of_a_worker_under_load_then_restart_loses_nothing() {
     let mut worker = scenario.worker();
     let queuer = scenario.queuer();
     wait_progress(&worker, 100);
-    stop(&mut worker);
+    worker.stop();
     assert_eq!(worker.final_ledger().text("balanced"), "true");
     let replacement = scenario.worker();
     wait_progress(&replacement, 100);

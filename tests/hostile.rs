@@ -65,37 +65,17 @@ impl Scenario {
     }
 }
 
-/// Waits until the worker's stats line reports `received` deliveries and none in flight.
-fn wait_settled(worker: &Daemon, received: u64) {
-    let mut from = 0;
-    loop {
-        let (i, line) = worker.wait_for_line_from(from, "stats role=worker", WAIT);
-        let stats = Ledger::parse(&line);
-        if stats.get("received") >= received && stats.get("in_flight") == 0 {
-            return;
-        }
-        from = i + 1;
-    }
-}
-
 /// Publishes a normal job, waits until the worker settled it after the `before` jobs already
 /// received, stops the worker and returns its balanced final ledger.
 fn finish_with_a_normal_job(scenario: &Scenario, worker: &mut Daemon, before: u64) -> Ledger {
-    wait_settled(worker, before);
+    worker.wait_settled(before);
     scenario.publish(
         Some("after"),
         &[(HEADER_WORK_MS, AmqpValue::LongInt(0))],
         b"",
     );
-    wait_settled(worker, before + 1);
-    worker.signal(libc::SIGTERM);
-    let status = worker.wait_exit(WAIT);
-    assert!(
-        status.success(),
-        "worker exit {status:?}; log:\n{}",
-        worker.log()
-    );
-    let ledger = worker.final_ledger();
+    worker.wait_settled(before + 1);
+    let ledger = worker.stop();
     assert_eq!(ledger.get("received"), before + 1, "{ledger:?}");
     assert_eq!(ledger.get("received"), ledger.settled(), "{ledger:?}");
     assert_eq!(ledger.text("balanced"), "true", "{ledger:?}");

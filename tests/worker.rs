@@ -13,22 +13,6 @@ fn int(ms: u64) -> AmqpValue {
     AmqpValue::LongLongInt(ms as i64)
 }
 
-/// Waits until the worker's stats line reports `received` deliveries and none in flight.
-fn wait_settled(worker: &Daemon, received: u64) {
-    worker.wait_for_stats(|s| s.get("received") >= received && s.get("in_flight") == 0);
-}
-
-fn stop(worker: &mut Daemon) -> support::daemon::Ledger {
-    worker.signal(libc::SIGTERM);
-    let status = worker.wait_exit(WAIT);
-    assert!(
-        status.success(),
-        "worker exit {status:?}; log:\n{}",
-        worker.log()
-    );
-    worker.final_ledger()
-}
-
 #[test]
 fn end_to_end_published_jobs_are_processed_and_acked() {
     let mut broker = TestBroker::connect();
@@ -55,8 +39,8 @@ fn end_to_end_published_jobs_are_processed_and_acked() {
     assert_eq!(published.get("published"), 200);
     assert_eq!(published.get("unconfirmed"), 0);
 
-    wait_settled(&worker, 200);
-    let ledger = stop(&mut worker);
+    worker.wait_settled(200);
+    let ledger = worker.stop();
     assert_eq!(ledger.get("received"), 200);
     assert_eq!(ledger.get("done"), 200);
     assert_eq!(ledger.text("balanced"), "true");
@@ -102,7 +86,7 @@ fn ledger_balances_under_overload() {
         std::thread::sleep(Duration::from_millis(50));
     }
     worker.wait_for_new_stats(|s| s.get("in_flight") == 0);
-    let ledger = stop(&mut worker);
+    let ledger = worker.stop();
     let dead_letters = broker.drain(&dead);
     let expired_by_broker = dead_letters
         .iter()
@@ -164,8 +148,8 @@ fn skip_share_matches_the_flag_within_one_point() {
     let mut queuer = Daemon::start(Bin::Queuer, &config);
     assert!(queuer.wait_exit(WAIT * 2).success(), "{}", queuer.log());
     assert_eq!(queuer.final_ledger().get("published"), 20_000);
-    wait_settled(&worker, 20_000);
-    let ledger = stop(&mut worker);
+    worker.wait_settled(20_000);
+    let ledger = worker.stop();
     assert_eq!(ledger.get("received"), 20_000);
     let share = ledger.get("skipped") as f64 / 20_000.0 * 100.0;
     assert!(
@@ -214,8 +198,8 @@ fn expired_and_doomed_jobs_are_dropped_without_running() {
         .set("worker", "concurrency", "1")
         .write(&dir, "flagshed.toml");
     let mut worker = Daemon::start(Bin::Worker, &config);
-    wait_settled(&worker, 3);
-    let ledger = stop(&mut worker);
+    worker.wait_settled(3);
+    let ledger = worker.stop();
     assert_eq!(ledger.get("expired"), 1, "{ledger:?}");
     assert_eq!(ledger.get("doomed"), 1, "{ledger:?}");
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
@@ -259,10 +243,10 @@ fn malformed_job_is_rejected_counted_and_the_worker_goes_on() {
         .set("broker", "dead_letter_exchange", &toml_str(&dlx))
         .write(&dir, "flagshed.toml");
     let mut worker = Daemon::start(Bin::Worker, &config);
-    wait_settled(&worker, 3);
+    worker.wait_settled(3);
     let warning = worker.wait_for_line("malformed job \"bad-deadline\"", WAIT);
     assert!(warning.contains("x-deadline-ms"), "{warning}");
-    let ledger = stop(&mut worker);
+    let ledger = worker.stop();
     assert_eq!(ledger.get("malformed"), 2, "{ledger:?}");
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
     let dead_letters = broker.drain(&dead);
@@ -361,7 +345,7 @@ fn sigterm_drains_without_losing_a_job() {
     let mut worker = Daemon::start(Bin::Worker, &config);
     // Wait until work is under way: some done, some in flight.
     worker.wait_for_stats(|s| s.get("done") >= 2 && s.get("in_flight") >= 2);
-    let ledger = stop(&mut worker);
+    let ledger = worker.stop();
     assert_eq!(ledger.text("balanced"), "true", "{ledger:?}");
     assert_eq!(ledger.get("returned_unacked"), 0);
     assert!(
@@ -407,7 +391,7 @@ fn worker_reconnects_after_the_broker_closes_its_connection() {
     assert_eq!(closed, 1, "one worker connection");
     worker.wait_for_line("lost RabbitMQ", WAIT);
     worker.wait_for_line("reconnected to RabbitMQ", WAIT);
-    wait_settled(&worker, 40);
+    worker.wait_settled(40);
     let stats = worker.wait_for_stats(|s| s.get("done") == 40 && s.get("in_flight") == 0);
     assert!(stats.get("returned") > 0, "held jobs went back: {stats:?}");
     assert_eq!(
@@ -415,7 +399,7 @@ fn worker_reconnects_after_the_broker_closes_its_connection() {
         40 + stats.get("returned"),
         "{stats:?}"
     );
-    let ledger = stop(&mut worker);
+    let ledger = worker.stop();
     assert_eq!(ledger.get("done"), 40);
     assert_eq!(ledger.text("balanced"), "true");
     assert_eq!(broker.ready_count(&queue), 0);

@@ -282,6 +282,20 @@ impl Daemon {
         }
     }
 
+    /// Waits until a worker has received at least `received` deliveries and settled them all.
+    pub fn wait_settled(&self, received: u64) -> Ledger {
+        self.wait_for_stats(|s| s.get("received") >= received && s.get("in_flight") == 0)
+    }
+
+    /// Stops the daemon as systemd would (SIGTERM), requires a clean exit, and returns its final
+    /// ledger line.
+    pub fn stop(&mut self) -> Ledger {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(STATS_WAIT);
+        assert!(status.success(), "exit {status:?}; log:\n{}", self.log());
+        self.final_ledger()
+    }
+
     /// The numbers of the `final role=...` line: every `key=value` whose value is an integer.
     pub fn final_ledger(&self) -> Ledger {
         let line = self.wait_for_line("final role=", Duration::from_secs(5));
