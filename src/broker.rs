@@ -1,4 +1,5 @@
-//! Opening a connection to RabbitMQ and declaring the job queue.
+//! Opening a connection to RabbitMQ, declaring the job queue, and keeping a daemon on one
+//! connection after another ([`supervise`]) when the broker goes away.
 //!
 //! We open the TCP socket ourselves instead of letting amiquip do it, for one reason: amiquip
 //! leaves Nagle's algorithm on, and then every publisher confirm and every ack waits out the
@@ -15,7 +16,7 @@ use amiquip::{
 };
 use std::fmt;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why the broker could not be used. Each variant says which step failed and where.
 #[derive(Debug)]
@@ -175,20 +176,59 @@ pub fn reconnect_backoff() -> Backoff {
     )
 }
 
-/// Connects, hands the session to `use_session`, and closes it afterwards, telling `backoff`
-/// how long the connection lasted. A failure to connect comes back as its message.
-pub fn with_session<T>(
-    config: &BrokerConfig,
-    program: &str,
-    backoff: &mut Backoff,
-    use_session: impl FnOnce(&Session) -> T,
-) -> Result<T, String> {
-    let connected_at = std::time::Instant::now();
-    let session = connect(config, program).map_err(|e| e.to_string())?;
-    let result = use_session(&session);
-    session.close();
-    backoff.connection_ended(connected_at.elapsed());
-    Ok(result)
+/// Why a daemon's loop on one connection (or between connections) ended.
+pub enum SessionEnd {
+    /// The daemon is done: drained, told to stop, or out of work.
+    Stop,
+    /// The connection or channel went away; says why.
+    Lost(String),
+    /// The wait before reconnecting is over.
+    Retry,
+}
+
+/// A daemon that works on one broker connection at a time and outlives them.
+pub trait Supervised {
+    /// Works on a live session until it is lost or the daemon stops.
+    fn use_session(&mut self, session: &Session) -> SessionEnd;
+    /// The session is gone (or could not be opened): account for what it held, log the
+    /// outage once.
+    fn session_lost(&mut self, reason: &str);
+    /// Whether to stop instead of reconnecting after a loss (e.g. already stopping).
+    fn stop_after_loss(&self) -> bool;
+    /// Serves signals and timers while disconnected, until `retry_at`.
+    fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd;
+}
+
+/// Runs `daemon` on one connection after another, with [`reconnect_backoff`] between them,
+/// until it stops.
+pub fn supervise(config: &BrokerConfig, program: &str, daemon: &mut impl Supervised) {
+    let mut backoff = reconnect_backoff();
+    loop {
+        let connected_at = Instant::now();
+        let end = match connect(config, program) {
+            Ok(session) => {
+                let end = daemon.use_session(&session);
+                session.close();
+                backoff.connection_ended(connected_at.elapsed());
+                end
+            }
+            Err(e) => SessionEnd::Lost(e.to_string()),
+        };
+        match end {
+            SessionEnd::Stop => return,
+            SessionEnd::Retry => {}
+            SessionEnd::Lost(reason) => {
+                daemon.session_lost(&reason);
+                if daemon.stop_after_loss() {
+                    return;
+                }
+                let retry_at = Instant::now() + backoff.next_delay();
+                if let SessionEnd::Stop = daemon.wait_to_reconnect(retry_at) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Connects with `TCP_NODELAY`, opens a channel and declares the job queue. `program` names

@@ -11,7 +11,7 @@
 //! sent again), and the loop reconnects with backoff.
 
 use crate::audit::AuditLog;
-use crate::broker::{self, Session};
+use crate::broker::{self, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::daemon::{self, DaemonError, Role};
@@ -41,13 +41,6 @@ pub struct QueuerEnv<'a> {
     pub notifier: &'a Notifier,
 }
 
-/// Why one pass of the loop ended.
-enum LoopEnd {
-    Stop,
-    Lost(String),
-    Retry,
-}
-
 /// Publishes until stopped (or `max_jobs`), reconnecting as needed; waits for outstanding
 /// confirms; returns the ledger.
 pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonError> {
@@ -65,28 +58,8 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
         broker_down: None,
         last_stats: (Instant::now(), 0),
     };
-    let mut backoff = broker::reconnect_backoff();
     let broker_config = queuer.config.broker.clone();
-    loop {
-        let end = broker::with_session(&broker_config, "taskqueuer", &mut backoff, |session| {
-            queuer.publish_on(session)
-        })
-        .unwrap_or_else(LoopEnd::Lost);
-        match end {
-            LoopEnd::Stop => break,
-            LoopEnd::Retry => {}
-            LoopEnd::Lost(reason) => {
-                queuer.forget_connection(&reason);
-                if queuer.stopping.is_some() || queuer.limit_reached() {
-                    break;
-                }
-                let retry_at = Instant::now() + backoff.next_delay();
-                if let LoopEnd::Stop = queuer.pass(None, None, Some(retry_at)) {
-                    break;
-                }
-            }
-        }
-    }
+    broker::supervise(&broker_config, "taskqueuer", &mut queuer);
     log::info!("final role=queuer {}", queuer.ledger);
     Ok(queuer.ledger)
 }
@@ -109,6 +82,24 @@ struct Queuer<'e, 'a> {
     awaiting_confirm: std::collections::VecDeque<u64>,
 }
 
+impl Supervised for Queuer<'_, '_> {
+    fn use_session(&mut self, session: &Session) -> SessionEnd {
+        self.publish_on(session)
+    }
+
+    fn session_lost(&mut self, reason: &str) {
+        self.forget_connection(reason);
+    }
+
+    fn stop_after_loss(&self) -> bool {
+        self.stopping.is_some() || self.limit_reached()
+    }
+
+    fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd {
+        self.pass(None, None, Some(retry_at))
+    }
+}
+
 impl Queuer<'_, '_> {
     fn limit_reached(&self) -> bool {
         self.config
@@ -118,7 +109,7 @@ impl Queuer<'_, '_> {
     }
 
     /// Enables confirms on a new connection and publishes on it.
-    fn publish_on(&mut self, session: &Session) -> LoopEnd {
+    fn publish_on(&mut self, session: &Session) -> SessionEnd {
         let confirms = if self.config.queuer.confirms {
             let setup = session
                 .channel
@@ -133,7 +124,7 @@ impl Queuer<'_, '_> {
                 });
             match setup {
                 Ok(rx) => rx,
-                Err(e) => return LoopEnd::Lost(e.to_string()),
+                Err(e) => return SessionEnd::Lost(e.to_string()),
             }
         } else {
             never()
@@ -191,7 +182,7 @@ impl Queuer<'_, '_> {
         session: Option<&Session>,
         confirms: Option<&Receiver<Confirm>>,
         retry_at: Option<Instant>,
-    ) -> LoopEnd {
+    ) -> SessionEnd {
         let mut smoother = ConfirmSmoother::new();
         let watchdog = self
             .env
@@ -213,7 +204,7 @@ impl Queuer<'_, '_> {
                     last = now;
                     while credit >= 1.0 && self.window_open() && !self.limit_reached() {
                         if let Err(e) = self.publisher.publish(session, &self.config) {
-                            return LoopEnd::Lost(e.to_string());
+                            return SessionEnd::Lost(e.to_string());
                         }
                         self.ledger.sent += 1;
                         if !self.config.queuer.confirms {
@@ -227,7 +218,7 @@ impl Queuer<'_, '_> {
                 }
                 let done_publishing = self.stopping.is_some() || self.limit_reached();
                 if done_publishing && self.ledger.unconfirmed() == 0 {
-                    return LoopEnd::Stop;
+                    return SessionEnd::Stop;
                 }
             }
             if self.stopping.is_some_and(|end| Instant::now() >= end) {
@@ -235,7 +226,7 @@ impl Queuer<'_, '_> {
                     "stop grace over; {} publishes were never confirmed",
                     self.ledger.unconfirmed()
                 );
-                return LoopEnd::Stop;
+                return SessionEnd::Stop;
             }
             let wait = self.pacing_wait(credit);
             let signals = self.env.signals.clone();
@@ -257,11 +248,11 @@ impl Queuer<'_, '_> {
                             }
                         }
                     }
-                    Err(_) => return LoopEnd::Lost("confirm channel closed".into()),
+                    Err(_) => return SessionEnd::Lost("confirm channel closed".into()),
                 },
                 recv(signals) -> signal => match signal {
                     Ok(Signal::Stop) if self.stopping.is_some() || session.is_none() => {
-                        return LoopEnd::Stop;
+                        return SessionEnd::Stop;
                     }
                     Ok(Signal::Stop) => {
                         self.env.notifier.stopping();
@@ -281,7 +272,7 @@ impl Queuer<'_, '_> {
                     self.last_stats = (Instant::now(), self.ledger.published);
                 },
                 recv(watchdog) -> _ => self.env.notifier.watchdog(),
-                recv(retry) -> _ => return LoopEnd::Retry,
+                recv(retry) -> _ => return SessionEnd::Retry,
                 default(wait) => {}
             }
         }

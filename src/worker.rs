@@ -18,7 +18,7 @@
 
 use crate::ack_window::{AckWindow, Disposition};
 use crate::audit::AuditLog;
-use crate::broker::{self, Session};
+use crate::broker::{self, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
 use crate::config::{Config, ShedAction};
 use crate::daemon::{self, DaemonError, Role};
@@ -94,16 +94,6 @@ pub struct WorkerEnv<'a> {
     pub handler: Arc<dyn Handler>,
 }
 
-/// Why one pass of the loop ended.
-enum LoopEnd {
-    /// Stop: drained, or told to stop at once.
-    Stop,
-    /// The connection or channel went away; reconnect.
-    Lost(String),
-    /// The reconnect delay is over; try to connect.
-    Retry,
-}
-
 /// Consumes until told to stop, reconnecting as needed; drains; returns the final ledger.
 pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonError> {
     let prefetch = config.worker.prefetch;
@@ -140,29 +130,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         failure_warnings: Throttle::default(),
         audit,
     };
-    let mut backoff = broker::reconnect_backoff();
     let broker_config = worker.config.broker.clone();
-    loop {
-        let end = broker::with_session(&broker_config, "taskworker", &mut backoff, |session| {
-            worker.consume(session)
-        })
-        .unwrap_or_else(LoopEnd::Lost);
-        match end {
-            LoopEnd::Stop => break,
-            LoopEnd::Retry => {}
-            LoopEnd::Lost(reason) => {
-                worker.forget_connection(&reason);
-                if worker.draining.is_some() {
-                    // Stopping anyway: the broker has the unsettled jobs back.
-                    break;
-                }
-                let retry_at = Instant::now() + backoff.next_delay();
-                if let LoopEnd::Stop = worker.pass(None, Some(retry_at)) {
-                    break;
-                }
-            }
-        }
-    }
+    broker::supervise(&broker_config, "taskworker", &mut worker);
 
     let Worker {
         ledger,
@@ -292,9 +261,28 @@ struct Worker<'e, 'a> {
     audit: Option<AuditLog>,
 }
 
+impl Supervised for Worker<'_, '_> {
+    fn use_session(&mut self, session: &Session) -> SessionEnd {
+        self.consume(session)
+    }
+
+    fn session_lost(&mut self, reason: &str) {
+        self.forget_connection(reason);
+    }
+
+    /// Stopping anyway: the broker has the unsettled jobs back.
+    fn stop_after_loss(&self) -> bool {
+        self.draining.is_some()
+    }
+
+    fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd {
+        self.pass(None, Some(retry_at))
+    }
+}
+
 impl Worker<'_, '_> {
     /// Sets up one connection's consumer and runs the loop on it.
-    fn consume(&mut self, session: &Session) -> LoopEnd {
+    fn consume(&mut self, session: &Session) -> SessionEnd {
         let setup = session
             .channel
             .qos(0, self.config.worker.prefetch, false)
@@ -307,7 +295,7 @@ impl Worker<'_, '_> {
             });
         let consumer = match setup {
             Ok(consumer) => consumer,
-            Err(e) => return LoopEnd::Lost(e.to_string()),
+            Err(e) => return SessionEnd::Lost(e.to_string()),
         };
         self.generation += 1;
         self.cancelled = false;
@@ -362,7 +350,7 @@ impl Worker<'_, '_> {
 
     /// One run of the select loop: on a live consumer, or (with `None`) while waiting to
     /// reconnect until `retry_at`.
-    fn pass(&mut self, consumer: Option<&Consumer<'_>>, retry_at: Option<Instant>) -> LoopEnd {
+    fn pass(&mut self, consumer: Option<&Consumer<'_>>, retry_at: Option<Instant>) -> SessionEnd {
         let closed = never();
         let watchdog = self
             .env
@@ -386,12 +374,12 @@ impl Worker<'_, '_> {
                     match message {
                         Ok(ConsumerMessage::Delivery(delivery)) => {
                             if let Err(reason) = self.on_delivery(delivery) {
-                                return LoopEnd::Lost(reason);
+                                return SessionEnd::Lost(reason);
                             }
                         }
                         Ok(ConsumerMessage::ClientCancelled) => self.cancelled = true,
-                        Ok(other) => return LoopEnd::Lost(format!("consumer ended: {other:?}")),
-                        Err(_) => return LoopEnd::Lost("consumer channel closed".into()),
+                        Ok(other) => return SessionEnd::Lost(format!("consumer ended: {other:?}")),
+                        Err(_) => return SessionEnd::Lost("consumer channel closed".into()),
                     }
                 },
                 recv(done_rx) -> completion => {
@@ -406,7 +394,7 @@ impl Worker<'_, '_> {
                     Ok(Signal::Stop) => {
                         if let Some(consumer) = consumer {
                             if let Err(reason) = self.start_drain(consumer) {
-                                return LoopEnd::Lost(reason);
+                                return SessionEnd::Lost(reason);
                             }
                         }
                     }
@@ -424,15 +412,15 @@ impl Worker<'_, '_> {
                     return self.stop_now(consumer, "drain grace period over");
                 },
                 recv(flush_timer) -> _ => {}
-                recv(retry) -> _ => return LoopEnd::Retry,
+                recv(retry) -> _ => return SessionEnd::Retry,
             }
             if let Some(consumer) = consumer {
                 if let Err(reason) = self.maybe_flush(consumer) {
-                    return LoopEnd::Lost(reason);
+                    return SessionEnd::Lost(reason);
                 }
             }
             if self.draining.is_some() && self.cancelled && self.window.is_empty() {
-                return LoopEnd::Stop;
+                return SessionEnd::Stop;
             }
         }
     }
@@ -583,7 +571,7 @@ impl Worker<'_, '_> {
 
     /// Stops without waiting for running jobs: what is decided is sent, what runs goes back to
     /// the queue when the connection closes.
-    fn stop_now(&mut self, consumer: Option<&Consumer<'_>>, why: &str) -> LoopEnd {
+    fn stop_now(&mut self, consumer: Option<&Consumer<'_>>, why: &str) -> SessionEnd {
         if let Some(consumer) = consumer {
             if let Err(e) = self.flush(consumer) {
                 log::warn!("{e}");
@@ -595,7 +583,7 @@ impl Worker<'_, '_> {
                 self.window.held()
             );
         }
-        LoopEnd::Stop
+        SessionEnd::Stop
     }
 
     fn warn_malformed(&mut self, delivery: &Delivery, why: &job::Malformed) {
