@@ -316,6 +316,12 @@ pub fn queue_arguments(config: &BrokerConfig) -> FieldTable {
             AmqpValue::LongString("quorum".into()),
         );
     }
+    if let Some(limit) = config.delivery_limit {
+        args.insert(
+            "x-delivery-limit".into(),
+            AmqpValue::LongLongInt(i64::from(limit)),
+        );
+    }
     if let Some(dlx) = &config.dead_letter_exchange {
         args.insert(
             "x-dead-letter-exchange".into(),

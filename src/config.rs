@@ -105,6 +105,7 @@ struct RawBroker {
     dead_letter_exchange: Option<String>,
     max_length: Option<u64>,
     overflow: Option<String>,
+    delivery_limit: Option<u64>,
     heartbeat_secs: Option<u16>,
     connect_timeout_ms: Option<u64>,
 }
@@ -195,6 +196,10 @@ pub struct BrokerConfig {
     /// Queue length limit; `None` is unbounded.
     pub max_length: Option<u64>,
     pub overflow: Overflow,
+    /// Returns to the queue after which a quorum queue drops (or dead-letters) a job instead
+    /// of redelivering it: what stops a job that crashes its worker from looping forever.
+    /// `None` is no limit.
+    pub delivery_limit: Option<u32>,
     pub heartbeat_secs: u16,
     pub connect_timeout: Duration,
 }
@@ -393,6 +398,15 @@ impl Config {
                     ));
                 }
             },
+            delivery_limit: match b.delivery_limit {
+                None | Some(0) => None,
+                Some(n) => {
+                    Some(
+                        check.range("broker.delivery_limit", Some(n), 0, 1..=i32::MAX as u64)?
+                            as u32,
+                    )
+                }
+            },
             heartbeat_secs: b.heartbeat_secs.unwrap_or(30),
             connect_timeout: Duration::from_millis(check.range(
                 "broker.connect_timeout_ms",
@@ -401,6 +415,12 @@ impl Config {
                 100..=600_000,
             )?),
         };
+        if broker.delivery_limit.is_some() && broker.queue_type != QueueType::Quorum {
+            return Err(check.invalid(
+                "broker.delivery_limit",
+                "only quorum queues count deliveries; set queue_type = \"quorum\" or delivery_limit = 0".into(),
+            ));
+        }
         if broker.queue_type == QueueType::Quorum && !broker.durable {
             return Err(check.invalid(
                 "broker.durable",

@@ -404,3 +404,60 @@ fn worker_reconnects_after_the_broker_closes_its_connection() {
     assert_eq!(ledger.text("balanced"), "true");
     assert_eq!(broker.ready_count(&queue), 0);
 }
+
+/// A job that never gets to finish (its worker is stopped, or crashes, every time it runs it)
+/// does not come back forever: with a quorum queue's delivery limit, RabbitMQ dead-letters it
+/// once it has been returned more times than the limit (here 1: at the second return).
+#[test]
+fn delivery_limit_stops_a_job_that_never_finishes_from_looping() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("limit");
+    broker.owns_queue(&queue);
+    let (dlx, dead) = broker.dead_letter_pair("limit");
+    let dir = TempDir::new("limit");
+    let config = TestConfig::new(&queue)
+        .set("broker", "durable", "true")
+        .set("broker", "queue_type", "\"quorum\"")
+        .set("broker", "delivery_limit", "1")
+        .set("broker", "dead_letter_exchange", &toml_str(&dlx))
+        .set("worker", "concurrency", "1")
+        .set("worker", "drain_grace_ms", "50")
+        .write(&dir, "flagshed.toml");
+    // The worker declares the queue; the job is published once it exists.
+    let mut worker = Daemon::start(Bin::Worker, &config);
+    worker.wait_for_line("consuming from queue", WAIT);
+    broker.publish(&queue, Some("endless"), &[("x-work-ms", int(600_000))], b"");
+    // Two deliveries, each cut short by a stop whose grace is too short for the job; the job
+    // goes back to the queue each time.
+    for attempt in 1..=2 {
+        worker.wait_for_stats(|s| s.get("received") == 1);
+        let ledger = worker.stop();
+        assert_eq!(
+            ledger.get("returned_unacked"),
+            1,
+            "attempt {attempt}: {ledger:?}"
+        );
+        worker = Daemon::start(Bin::Worker, &config);
+        worker.wait_for_line("consuming from queue", WAIT);
+    }
+    // The limit is reached: the job goes to the dead-letter queue, not to a worker.
+    let end = std::time::Instant::now() + WAIT;
+    let dead_letters = loop {
+        let dead_letters = broker.drain(&dead);
+        if !dead_letters.is_empty() {
+            break dead_letters;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the job was never dead-lettered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(dead_letters.len(), 1);
+    assert_eq!(
+        death_reason(&dead_letters[0]).as_deref(),
+        Some("delivery_limit")
+    );
+    let ledger = worker.stop();
+    assert_eq!(ledger.get("received"), 0, "{ledger:?}");
+}
