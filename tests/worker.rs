@@ -13,6 +13,19 @@ fn int(ms: u64) -> AmqpValue {
     AmqpValue::LongLongInt(ms as i64)
 }
 
+/// Starts a worker on `config`, then a queuer that publishes its `max_jobs`; waits for the
+/// queuer to finish with every publish confirmed. Returns the running worker and the number of
+/// jobs published.
+fn publish_to_a_worker(config: &std::path::Path) -> (Daemon, u64) {
+    let worker = Daemon::start(Bin::Worker, config);
+    worker.wait_for_line("consuming from queue", WAIT);
+    let mut queuer = Daemon::start(Bin::Queuer, config);
+    assert!(queuer.wait_exit(WAIT * 2).success(), "{}", queuer.log());
+    let published = queuer.final_ledger();
+    assert_eq!(published.get("unconfirmed"), 0, "{published:?}");
+    (worker, published.get("published"))
+}
+
 #[test]
 fn end_to_end_published_jobs_are_processed_and_acked() {
     let mut broker = TestBroker::connect();
@@ -31,13 +44,8 @@ fn end_to_end_published_jobs_are_processed_and_acked() {
         .set("worker", "prefetch", "20")
         .write(&dir, "flagshed.toml");
 
-    let mut worker = Daemon::start(Bin::Worker, &config);
-    worker.wait_for_line("consuming from queue", WAIT);
-    let mut queuer = Daemon::start(Bin::Queuer, &config);
-    assert!(queuer.wait_exit(WAIT).success(), "{}", queuer.log());
-    let published = queuer.final_ledger();
-    assert_eq!(published.get("published"), 200);
-    assert_eq!(published.get("unconfirmed"), 0);
+    let (mut worker, published) = publish_to_a_worker(&config);
+    assert_eq!(published, 200);
 
     worker.wait_settled(200);
     let ledger = worker.stop();
@@ -72,11 +80,7 @@ fn ledger_balances_under_overload() {
         .set("worker", "prefetch", "4")
         .write(&dir, "flagshed.toml");
 
-    let mut worker = Daemon::start(Bin::Worker, &config);
-    worker.wait_for_line("consuming from queue", WAIT);
-    let mut queuer = Daemon::start(Bin::Queuer, &config);
-    assert!(queuer.wait_exit(WAIT).success(), "{}", queuer.log());
-    let published = queuer.final_ledger().get("published");
+    let (mut worker, published) = publish_to_a_worker(&config);
     assert_eq!(published, 180);
 
     // Wait until the queue is empty (served or expired by the broker) and the worker is idle.
@@ -143,11 +147,8 @@ fn skip_share_matches_the_flag_within_one_point() {
         .set("worker", "prefetch", "200")
         .write(&dir, "flagshed.toml");
 
-    let mut worker = Daemon::start(Bin::Worker, &config);
-    worker.wait_for_line("consuming from queue", WAIT);
-    let mut queuer = Daemon::start(Bin::Queuer, &config);
-    assert!(queuer.wait_exit(WAIT * 2).success(), "{}", queuer.log());
-    assert_eq!(queuer.final_ledger().get("published"), 20_000);
+    let (mut worker, published) = publish_to_a_worker(&config);
+    assert_eq!(published, 20_000);
     worker.wait_settled(20_000);
     let ledger = worker.stop();
     assert_eq!(ledger.get("received"), 20_000);
