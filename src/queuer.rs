@@ -192,6 +192,8 @@ impl Queuer<'_, '_> {
         let retry = retry_at.map_or_else(never, crossbeam_channel::at);
         let no_confirms = never();
         let confirms = confirms.unwrap_or(&no_confirms);
+        // Owned, so the select below does not borrow `self`, which its arms mutate.
+        let signals = self.env.signals.clone();
         let mut credit = 0.0_f64;
         let mut last = Instant::now();
         loop {
@@ -229,7 +231,7 @@ impl Queuer<'_, '_> {
                 return SessionEnd::Stop;
             }
             let wait = self.pacing_wait(credit);
-            let signals = self.env.signals.clone();
+            // A reload may replace the stats ticker, so it is taken afresh each time round.
             let stats = self.stats.clone();
             select! {
                 recv(confirms) -> confirm => match confirm {

@@ -358,6 +358,10 @@ impl Worker<'_, '_> {
             .watchdog_interval()
             .map_or_else(never, tick);
         let retry = retry_at.map_or_else(never, crossbeam_channel::at);
+        // Owned handles, so the select below does not borrow `self`, which its arms mutate.
+        // Taken once per pass, not per event: these two never change while the pass runs.
+        let done_rx = self.done_rx.clone();
+        let signals = self.env.signals.clone();
         loop {
             // Once the broker confirmed the cancel, amiquip closes the delivery channel.
             let deliveries = match consumer {
@@ -366,8 +370,7 @@ impl Worker<'_, '_> {
             };
             let grace_end = self.draining.map_or_else(never, crossbeam_channel::at);
             let flush_timer = self.flush_at.map_or_else(never, crossbeam_channel::at);
-            let done_rx = self.done_rx.clone();
-            let signals = self.env.signals.clone();
+            // A reload may replace the stats ticker, so it is taken afresh each time round.
             let stats = self.stats.clone();
             select! {
                 recv(deliveries) -> message => {
