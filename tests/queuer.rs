@@ -14,12 +14,11 @@ fn publish(what: &str, rate: &str, max_jobs: u64) -> Vec<amiquip::AmqpProperties
     let queue = unique_name(what);
     broker.owns_queue(&queue);
     let dir = TempDir::new(what);
-    let flags = dir.write(
-        "flags.json",
-        &format!(r#"{{"flagValues": {{"task-rate": {rate}}}}}"#),
-    );
     let config = TestConfig::new(&queue)
-        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .flag_file(
+            &dir,
+            &format!(r#"{{"flagValues": {{"task-rate": {rate}}}}}"#),
+        )
         .set("queuer", "max_jobs", &max_jobs.to_string())
         .set("queuer", "ttl_ms", "600000")
         .set("queuer", "work_ms", "250")
@@ -100,9 +99,8 @@ fn rate_zero_pauses_publishing() {
     let queue = unique_name("paused");
     broker.owns_queue(&queue);
     let dir = TempDir::new("paused");
-    let flags = dir.write("flags.json", r#"{"flagValues": {"task-rate": 0}}"#);
     let config = TestConfig::new(&queue)
-        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .flag_file(&dir, r#"{"flagValues": {"task-rate": 0}}"#)
         .set("flags", "file_check_ms", "50")
         .write(&dir, "flagshed.toml");
     let mut queuer = Daemon::start(Bin::Queuer, &config);
@@ -132,13 +130,12 @@ fn queue_arguments_agree_between_daemons() {
     broker.owns_queue(&queue);
     let (dlx, _) = broker.dead_letter_pair("declare");
     let dir = TempDir::new("declare");
-    let flags = dir.write("flags.json", r#"{"flagValues": {"task-rate": 100}}"#);
     let config = TestConfig::new(&queue)
         .set("broker", "durable", "true")
         .set("broker", "dead_letter_exchange", &toml_str(&dlx))
         .set("broker", "max_length", "1000")
         .set("broker", "overflow", "\"reject-publish\"")
-        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .flag_file(&dir, r#"{"flagValues": {"task-rate": 100}}"#)
         .set("queuer", "max_jobs", "3")
         .write(&dir, "flagshed.toml");
     let mut queuer = Daemon::start(Bin::Queuer, &config);
@@ -158,9 +155,8 @@ fn queuer_reconnects_and_counts_unconfirmed_publishes_as_lost() {
     let queue = unique_name("qreconnect");
     broker.owns_queue(&queue);
     let dir = TempDir::new("qreconnect");
-    let flags = dir.write("flags.json", r#"{"flagValues": {"task-rate": 300}}"#);
     let config = TestConfig::new(&queue)
-        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .flag_file(&dir, r#"{"flagValues": {"task-rate": 300}}"#)
         .set("queuer", "ttl_ms", "600000")
         .write(&dir, "flagshed.toml");
     let mut queuer = Daemon::start(Bin::Queuer, &config);

@@ -32,12 +32,11 @@ fn end_to_end_published_jobs_are_processed_and_acked() {
     let queue = unique_name("e2e");
     broker.owns_queue(&queue);
     let dir = TempDir::new("e2e");
-    let flags = dir.write(
-        "flags.json",
-        r#"{"flagValues": {"task-rate": 500, "skip-rate": 0}}"#,
-    );
     let config = TestConfig::new(&queue)
-        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .flag_file(
+            &dir,
+            r#"{"flagValues": {"task-rate": 500, "skip-rate": 0}}"#,
+        )
         .set("queuer", "max_jobs", "200")
         .set("queuer", "work_ms", "0")
         .set("queuer", "ttl_ms", "60000")
@@ -66,13 +65,12 @@ fn ledger_balances_under_overload() {
     let (dlx, dead) = broker.dead_letter_pair("overload");
     let dir = TempDir::new("overload");
     // Capacity: 2 threads x 100 ms = 20 jobs/s; offered 60 jobs/s; TTL 600 ms.
-    let flags = dir.write(
-        "flags.json",
-        r#"{"flagValues": {"task-rate": 60, "skip-rate": 10}}"#,
-    );
     let config = TestConfig::new(&queue)
         .set("broker", "dead_letter_exchange", &toml_str(&dlx))
-        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .flag_file(
+            &dir,
+            r#"{"flagValues": {"task-rate": 60, "skip-rate": 10}}"#,
+        )
         .set("queuer", "max_jobs", "180")
         .set("queuer", "work_ms", "100")
         .set("queuer", "ttl_ms", "600")
@@ -134,12 +132,11 @@ fn skip_share_matches_the_flag_within_one_point() {
     let queue = unique_name("skip");
     broker.owns_queue(&queue);
     let dir = TempDir::new("skip");
-    let flags = dir.write(
-        "flags.json",
-        r#"{"flagValues": {"task-rate": 20000, "skip-rate": 30}}"#,
-    );
     let config = TestConfig::new(&queue)
-        .set("flags", "file", &toml_str(&flags.display().to_string()))
+        .flag_file(
+            &dir,
+            r#"{"flagValues": {"task-rate": 20000, "skip-rate": 30}}"#,
+        )
         .set("queuer", "max_jobs", "20000")
         .set("queuer", "work_ms", "0")
         .set("queuer", "ttl_ms", "600000")

@@ -71,6 +71,13 @@ impl TestConfig {
         self
     }
 
+    /// Writes `json` as the flag file `flags.json` in `dir` and points `flags.file` at it; a
+    /// test changes the flags later by writing that file again.
+    pub fn flag_file(self, dir: &TempDir, json: &str) -> TestConfig {
+        let path = dir.write("flags.json", json);
+        self.set("flags", "file", &toml_str(&path.display().to_string()))
+    }
+
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         for (section, entries) in &self.sections {
