@@ -83,33 +83,8 @@ struct Queuer<'e, 'a> {
 }
 
 impl Supervised for Queuer<'_, '_> {
-    fn use_session(&mut self, session: &Session) -> SessionEnd {
-        self.publish_on(session)
-    }
-
-    fn session_lost(&mut self, reason: &str) {
-        self.forget_connection(reason);
-    }
-
-    fn stop_after_loss(&self) -> bool {
-        self.stopping.is_some() || self.limit_reached()
-    }
-
-    fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd {
-        self.pass(None, None, Some(retry_at))
-    }
-}
-
-impl Queuer<'_, '_> {
-    fn limit_reached(&self) -> bool {
-        self.config
-            .queuer
-            .max_jobs
-            .is_some_and(|max| self.ledger.sent >= max)
-    }
-
     /// Enables confirms on a new connection and publishes on it.
-    fn publish_on(&mut self, session: &Session) -> SessionEnd {
+    fn use_session(&mut self, session: &Session) -> SessionEnd {
         let confirms = if self.config.queuer.confirms {
             let setup = session
                 .channel
@@ -156,7 +131,7 @@ impl Queuer<'_, '_> {
     }
 
     /// Publishes awaiting a confirm on a dead connection will never be confirmed.
-    fn forget_connection(&mut self, reason: &str) {
+    fn session_lost(&mut self, reason: &str) {
         let unconfirmed = self.ledger.unconfirmed();
         self.ledger.lost += unconfirmed;
         self.awaiting_confirm.clear();
@@ -173,6 +148,23 @@ impl Queuer<'_, '_> {
                 .status(&format!("broker unreachable: {reason}; reconnecting"));
             self.broker_down = Some(Instant::now());
         }
+    }
+
+    fn stop_after_loss(&self) -> bool {
+        self.stopping.is_some() || self.limit_reached()
+    }
+
+    fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd {
+        self.pass(None, None, Some(retry_at))
+    }
+}
+
+impl Queuer<'_, '_> {
+    fn limit_reached(&self) -> bool {
+        self.config
+            .queuer
+            .max_jobs
+            .is_some_and(|max| self.ledger.sent >= max)
     }
 
     /// One run of the loop: publishing on `session`, or (with `None`) waiting to reconnect

@@ -262,27 +262,8 @@ struct Worker<'e, 'a> {
 }
 
 impl Supervised for Worker<'_, '_> {
-    fn use_session(&mut self, session: &Session) -> SessionEnd {
-        self.consume(session)
-    }
-
-    fn session_lost(&mut self, reason: &str) {
-        self.forget_connection(reason);
-    }
-
-    /// Stopping anyway: the broker has the unsettled jobs back.
-    fn stop_after_loss(&self) -> bool {
-        self.draining.is_some()
-    }
-
-    fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd {
-        self.pass(None, Some(retry_at))
-    }
-}
-
-impl Worker<'_, '_> {
     /// Sets up one connection's consumer and runs the loop on it.
-    fn consume(&mut self, session: &Session) -> SessionEnd {
+    fn use_session(&mut self, session: &Session) -> SessionEnd {
         let setup = session
             .channel
             .qos(0, self.config.worker.prefetch, false)
@@ -325,7 +306,7 @@ impl Worker<'_, '_> {
     }
 
     /// The deliveries of a dead connection can no longer be settled; the broker requeues them.
-    fn forget_connection(&mut self, reason: &str) {
+    fn session_lost(&mut self, reason: &str) {
         let unstarted = std::iter::from_fn(|| self.task_rx.try_recv().ok()).count() as u64;
         let (unsent, held_undecided) = self.window.abandon();
         let running = held_undecided as u64 - unstarted;
@@ -348,6 +329,17 @@ impl Worker<'_, '_> {
         }
     }
 
+    /// Stopping anyway: the broker has the unsettled jobs back.
+    fn stop_after_loss(&self) -> bool {
+        self.draining.is_some()
+    }
+
+    fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd {
+        self.pass(None, Some(retry_at))
+    }
+}
+
+impl Worker<'_, '_> {
     /// One run of the select loop: on a live consumer, or (with `None`) while waiting to
     /// reconnect until `retry_at`.
     fn pass(&mut self, consumer: Option<&Consumer<'_>>, retry_at: Option<Instant>) -> SessionEnd {
