@@ -5,7 +5,9 @@
 //! loading trusts `Config`, and a reload builds a whole new one before anything changes, so a
 //! bad edit can never leave a daemon half-reconfigured.
 
+pub use crate::handler::estimate::EstimateSettings;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,6 +88,8 @@ pub struct RawConfig {
     #[serde(default)]
     worker: RawWorker,
     #[serde(default)]
+    handler: RawHandler,
+    #[serde(default)]
     queuer: RawQueuer,
     #[serde(default)]
     flags: RawFlags,
@@ -121,6 +125,24 @@ struct RawWorker {
     shed_action: Option<String>,
     drain_grace_ms: Option<u64>,
     ledger_file: Option<PathBuf>,
+    estimate_quantile: Option<f64>,
+    estimate_half_life_jobs: Option<u64>,
+    estimate_min_jobs: Option<u64>,
+    max_job_types: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandler {
+    kind: Option<String>,
+    command: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    url: Option<String>,
+    enforce_deadline: Option<bool>,
+    kill_grace_ms: Option<u64>,
+    output_limit_bytes: Option<u64>,
+    max_retries: Option<u64>,
+    connect_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +198,7 @@ pub struct Config {
     pub path: PathBuf,
     pub broker: BrokerConfig,
     pub worker: WorkerConfig,
+    pub handler: HandlerConfig,
     pub queuer: QueuerConfig,
     pub flags: FlagsConfig,
     pub launchdarkly: LaunchDarklyConfig,
@@ -259,7 +282,95 @@ pub struct WorkerConfig {
     pub drain_grace: Duration,
     /// Audit trail: one line per settled job, written before the ack.
     pub ledger_file: Option<PathBuf>,
+    /// How the work time of jobs without `x-work-ms` is learned.
+    pub estimate: EstimateSettings,
+    /// Job types that get their own estimate; the rest share one.
+    pub max_job_types: usize,
 }
+
+/// What runs a job, and the limits it runs under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HandlerConfig {
+    pub kind: HandlerKind,
+    /// Stop a job that is still running at its deadline (`timed_out`); off, it runs to the
+    /// end and ends `late`.
+    pub enforce_deadline: bool,
+    /// Between SIGTERM and SIGKILL for an exec job stopped at its deadline.
+    pub kill_grace: Duration,
+    /// Bytes of an exec job's stdout and stderr logged per job.
+    pub output_limit_bytes: usize,
+    /// Times a job may ask to be retried before it ends `failed`.
+    pub max_retries: u32,
+}
+
+/// Which handler, with what it needs.
+#[derive(Clone, PartialEq)]
+pub enum HandlerKind {
+    /// The seed's imaginary job: sleeps for its work time.
+    Simulated,
+    /// A program per job.
+    Exec {
+        /// Resolved to an absolute path when the config is loaded.
+        program: PathBuf,
+        args: Vec<String>,
+        /// The child's whole environment besides the job's facts: `PATH`, `LANG` and
+        /// `handler.env`.
+        env: Vec<(String, String)>,
+    },
+    /// A POST per job.
+    Http {
+        url: String,
+        connect_timeout: Duration,
+    },
+}
+
+impl fmt::Debug for HandlerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandlerKind::Simulated => f.write_str("Simulated"),
+            HandlerKind::Exec { program, args, env } => f
+                .debug_struct("Exec")
+                .field("program", program)
+                .field("args", args)
+                .field("env", &env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+                .finish(),
+            HandlerKind::Http {
+                url,
+                connect_timeout,
+            } => f
+                .debug_struct("Http")
+                .field("url", &redact_userinfo(url))
+                .field("connect_timeout", connect_timeout)
+                .finish(),
+        }
+    }
+}
+
+impl HandlerKind {
+    /// The word used in `handler.kind` and in logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HandlerKind::Simulated => "simulated",
+            HandlerKind::Exec { .. } => "exec",
+            HandlerKind::Http { .. } => "http",
+        }
+    }
+}
+
+/// A URL with any password replaced, for logs and debug output.
+pub fn redact_userinfo(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("redacted"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
+/// The handler's `PATH` unless `handler.env` sets one.
+pub const HANDLER_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The queuer's job shape and publishing discipline.
 #[derive(Clone, Debug, PartialEq)]
@@ -467,7 +578,31 @@ impl Config {
                 0..=3_600_000,
             )?),
             ledger_file: w.ledger_file.filter(|p| !p.as_os_str().is_empty()),
+            estimate: EstimateSettings {
+                quantile: check.float(
+                    "worker.estimate_quantile",
+                    w.estimate_quantile,
+                    DEFAULT_ESTIMATE_QUANTILE,
+                    0.5,
+                    0.999,
+                )?,
+                half_life_jobs: check.range(
+                    "worker.estimate_half_life_jobs",
+                    w.estimate_half_life_jobs,
+                    100,
+                    1..=1_000_000,
+                )? as u32,
+                min_jobs: check.range(
+                    "worker.estimate_min_jobs",
+                    w.estimate_min_jobs,
+                    20,
+                    1..=1_000_000,
+                )? as u32,
+            },
+            max_job_types: check.range("worker.max_job_types", w.max_job_types, 32, 1..=1024)?
+                as usize,
         };
+        let handler = check.handler(raw.handler)?;
 
         let q = raw.queuer;
         let queuer = QueuerConfig {
@@ -592,6 +727,7 @@ impl Config {
             path: path.to_owned(),
             broker,
             worker,
+            handler,
             queuer,
             flags,
             launchdarkly,
@@ -599,6 +735,10 @@ impl Config {
         })
     }
 }
+
+/// The quantile of learned work times the doomed check budgets by default (see README,
+/// "Shedding when nobody declares the work time").
+pub const DEFAULT_ESTIMATE_QUANTILE: f64 = 0.99;
 
 /// Where an SDK key may come from besides the config file, in order: the environment
 /// variable `LAUNCHDARKLY_SDK_KEY`, then a systemd credential named `sdk-key`
@@ -618,6 +758,41 @@ fn sdk_key_from_environment() -> Option<String> {
     let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
     let key = std::fs::read_to_string(Path::new(&dir).join(SDK_KEY_CREDENTIAL)).ok()?;
     Some(key.trim().to_owned()).filter(|k| !k.is_empty())
+}
+
+/// The program of `handler.command` as an absolute path: as given if it holds a `/`, else
+/// the first executable of that name in `path` (the handler's `PATH`), as a shell would.
+fn resolve_program(program: &str, path: &str) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        let candidate = PathBuf::from(program);
+        return match is_executable_file(&candidate) {
+            Ok(()) => Ok(candidate),
+            Err(why) => Err(format!("cannot run {program:?}: {why}")),
+        };
+    }
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| is_executable_file(candidate).is_ok())
+        .ok_or_else(|| format!("no executable {program:?} in the handler's PATH ({path})"))
+}
+
+fn is_executable_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "the path holds a NUL byte".to_owned())?;
+    // SAFETY: access(2) reads a NUL-terminated path we own.
+    if unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } != 0 {
+        return Err(format!(
+            "not executable by this user ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// A path key: absent means the default, `""` means none.
@@ -732,6 +907,146 @@ impl Checker<'_> {
         crate::broker::BrokerAddress::parse(&value)
             .map_err(|why| self.invalid(key, why.to_string()))?;
         Ok(value)
+    }
+
+    /// `[handler]`: the kind and what it needs, refusing keys that belong to another kind.
+    fn handler(&self, h: RawHandler) -> Result<HandlerConfig, ConfigError> {
+        let kind_name = h.kind.as_deref().unwrap_or("simulated");
+        let unused = |key: &'static str, set: bool| {
+            if set {
+                Err(self.invalid(
+                    key,
+                    format!("is not used by handler.kind = {kind_name:?}; remove it"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let kind = match kind_name {
+            "simulated" => {
+                unused("handler.command", h.command.is_some())?;
+                unused("handler.env", h.env.is_some())?;
+                unused("handler.url", h.url.is_some())?;
+                HandlerKind::Simulated
+            }
+            "exec" => {
+                unused("handler.url", h.url.is_some())?;
+                let env = self.handler_env(h.env.unwrap_or_default())?;
+                let mut argv = h.command.unwrap_or_default().into_iter();
+                let Some(program) = argv.next().filter(|p| !p.is_empty()) else {
+                    return Err(self.invalid(
+                        "handler.command",
+                        "expected the program and its arguments, e.g. [\"/usr/local/bin/resize\", \"--fast\"]".into(),
+                    ));
+                };
+                let args: Vec<String> = argv.collect();
+                if args.iter().any(|a| a.contains('\0')) {
+                    return Err(self.invalid("handler.command", "an argument holds a NUL byte".into()));
+                }
+                let path = env
+                    .iter()
+                    .find(|(k, _)| k == "PATH")
+                    .map_or(HANDLER_DEFAULT_PATH, |(_, v)| v.as_str());
+                let program = resolve_program(&program, path)
+                    .map_err(|why| self.invalid("handler.command", why))?;
+                HandlerKind::Exec { program, args, env }
+            }
+            "http" => {
+                unused("handler.command", h.command.is_some())?;
+                unused("handler.env", h.env.is_some())?;
+                let Some(url) = h.url.filter(|u| !u.is_empty()) else {
+                    return Err(self.invalid(
+                        "handler.url",
+                        "expected the URL jobs are POSTed to, e.g. \"http://127.0.0.1:8080/jobs\"".into(),
+                    ));
+                };
+                let valid = url::Url::parse(&url)
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+                if !valid {
+                    return Err(self.invalid(
+                        "handler.url",
+                        format!(
+                            "expected an http:// or https:// URL, got {:?}",
+                            redact_userinfo(&url)
+                        ),
+                    ));
+                }
+                HandlerKind::Http {
+                    url,
+                    connect_timeout: Duration::from_millis(self.range(
+                        "handler.connect_timeout_ms",
+                        h.connect_timeout_ms,
+                        5_000,
+                        1..=600_000,
+                    )?),
+                }
+            }
+            other => {
+                return Err(self.invalid(
+                    "handler.kind",
+                    format!("expected \"simulated\", \"exec\" or \"http\", got {other:?}"),
+                ));
+            }
+        };
+        if !matches!(kind, HandlerKind::Http { .. }) {
+            unused("handler.connect_timeout_ms", h.connect_timeout_ms.is_some())?;
+        }
+        Ok(HandlerConfig {
+            kind,
+            enforce_deadline: h.enforce_deadline.unwrap_or(true),
+            kill_grace: Duration::from_millis(self.range(
+                "handler.kill_grace_ms",
+                h.kill_grace_ms,
+                2_000,
+                0..=600_000,
+            )?),
+            output_limit_bytes: self.range(
+                "handler.output_limit_bytes",
+                h.output_limit_bytes,
+                16 * 1024,
+                0..=16 * 1024 * 1024,
+            )? as usize,
+            max_retries: self.range("handler.max_retries", h.max_retries, 5, 0..=1_000)? as u32,
+        })
+    }
+
+    /// The exec child's environment: `PATH` and `LANG`, then the operator's table.
+    fn handler_env(
+        &self,
+        table: BTreeMap<String, String>,
+    ) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut env = vec![
+            ("PATH".to_owned(), HANDLER_DEFAULT_PATH.to_owned()),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ];
+        for (name, value) in table {
+            let valid_name = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                return Err(self.invalid(
+                    "handler.env",
+                    format!("{name:?} is not a variable name (letters, digits and _)"),
+                ));
+            }
+            if name.starts_with("FLAGSHED_") {
+                return Err(self.invalid(
+                    "handler.env",
+                    format!("{name} is reserved: FLAGSHED_* variables carry the job's facts"),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(self.invalid(
+                    "handler.env",
+                    format!("the value of {name} holds a NUL byte"),
+                ));
+            }
+            env.retain(|(k, _)| *k != name);
+            env.push((name, value));
+        }
+        Ok(env)
     }
 
     fn http_uri(

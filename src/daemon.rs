@@ -6,10 +6,10 @@
 
 use crate::broker::BrokerError;
 use crate::cli::{self, Command};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind};
 use crate::flags::FlagValues;
 use crate::flags::source::{FlagSource, SourceSettings};
-use crate::handler::SimulatedHandler;
+use crate::handler::{ExecHandler, Handler, HttpHandler, SimulatedHandler};
 use crate::notify::Notifier;
 use crate::{logging, queuer, signals, worker};
 use std::fmt;
@@ -91,6 +91,17 @@ impl From<ConfigError> for DaemonError {
 
 /// The whole of each binary's `main`.
 pub fn main(role: Role) -> ExitCode {
+    main_with(role, None)
+}
+
+/// The whole taskworker daemon (arguments, config, signals, flags, systemd, drain) around a
+/// handler of your own: the `main` of a worker binary whose jobs are Rust code. The config's
+/// `[handler]` section is then not used, except for `enforce_deadline` and `max_retries`.
+pub fn run_worker_with(handler: Arc<dyn Handler>) -> ExitCode {
+    main_with(Role::Worker, Some(handler))
+}
+
+fn main_with(role: Role, custom_handler: Option<Arc<dyn Handler>>) -> ExitCode {
     let command = match cli::parse(std::env::args_os().skip(1)) {
         Ok(command) => command,
         Err(e) => {
@@ -124,7 +135,7 @@ pub fn main(role: Role) -> ExitCode {
             }
             Ok(config) => {
                 logging::init(config.log.level);
-                match run(role, config) {
+                match run(role, config, custom_handler) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         log::error!("{e}");
@@ -139,7 +150,11 @@ pub fn main(role: Role) -> ExitCode {
     }
 }
 
-fn run(role: Role, config: Config) -> Result<(), DaemonError> {
+fn run(
+    role: Role,
+    config: Config,
+    custom_handler: Option<Arc<dyn Handler>>,
+) -> Result<(), DaemonError> {
     log::info!(
         "{} {} starting with {}",
         role.program(),
@@ -162,17 +177,31 @@ fn run(role: Role, config: Config) -> Result<(), DaemonError> {
     )?;
     let notifier = Notifier::from_env();
     match role {
-        Role::Worker => worker::run(
-            config,
-            worker::WorkerEnv {
-                values,
-                signals,
-                flags: &flags,
-                notifier: &notifier,
-                handler: Arc::new(SimulatedHandler),
-            },
-        )
-        .map(drop),
+        Role::Worker => {
+            let handler = match custom_handler {
+                Some(handler) => {
+                    if config.handler.kind != HandlerKind::Simulated {
+                        log::warn!(
+                            "handler.kind = {:?} is not used: this taskworker runs its own handler",
+                            config.handler.kind.as_str()
+                        );
+                    }
+                    handler
+                }
+                None => handler_for(&config.handler, config.worker.concurrency),
+            };
+            worker::run(
+                config,
+                worker::WorkerEnv {
+                    values,
+                    signals,
+                    flags: &flags,
+                    notifier: &notifier,
+                    handler,
+                },
+            )
+            .map(drop)
+        }
         Role::Queuer => queuer::run(
             config,
             queuer::QueuerEnv {
@@ -183,6 +212,30 @@ fn run(role: Role, config: Config) -> Result<(), DaemonError> {
             },
         )
         .map(drop),
+    }
+}
+
+/// The handler `[handler]` asks for; `pool_threads` sizes the http handler's idle connections.
+pub fn handler_for(config: &HandlerConfig, pool_threads: usize) -> Arc<dyn Handler> {
+    match &config.kind {
+        HandlerKind::Simulated => Arc::new(SimulatedHandler),
+        HandlerKind::Exec { program, args, env } => Arc::new(ExecHandler::new(
+            program.clone(),
+            args.iter().map(Into::into).collect(),
+            env.iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            config.kill_grace,
+            config.output_limit_bytes,
+        )),
+        HandlerKind::Http {
+            url,
+            connect_timeout,
+        } => Arc::new(HttpHandler::new(
+            url.clone(),
+            *connect_timeout,
+            pool_threads,
+        )),
     }
 }
 
@@ -249,6 +302,10 @@ fn keep_restart_only_settings(current: &Config, mut new: Config) -> Config {
         worker.concurrency,
         worker.prefetch,
         worker.ledger_file,
+        worker.max_job_types,
+        handler.kind,
+        handler.kill_grace,
+        handler.output_limit_bytes,
         queuer.confirms,
         queuer.ledger_file,
     );

@@ -8,7 +8,7 @@
 //! | `message_id` | the job id (drives the skip decision) |
 //! | header `x-created-ms` | enqueue time, Unix epoch milliseconds |
 //! | header `x-deadline-ms` | absolute deadline, Unix epoch milliseconds |
-//! | header `x-work-ms` | work the simulated handler spends on the job |
+//! | header `x-work-ms` | the job's work time, if the producer knows it (else the worker learns it per type) |
 //!
 //! A header that is present but not a non-negative integer makes the job `malformed`.
 //! Parsing is on the hot path: it looks up three keys and allocates nothing.
@@ -20,7 +20,7 @@ use std::fmt;
 pub const HEADER_CREATED_MS: &str = "x-created-ms";
 /// Header carrying the absolute deadline.
 pub const HEADER_DEADLINE_MS: &str = "x-deadline-ms";
-/// Header carrying the simulated work time.
+/// Header carrying the job's work time, when the producer knows it.
 pub const HEADER_WORK_MS: &str = "x-work-ms";
 
 /// Largest `x-work-ms` accepted (one day): more is a producer bug, not a job.
@@ -43,7 +43,11 @@ pub struct JobMeta {
     pub created_ms: u64,
     /// `None`: the job can wait forever.
     pub deadline_ms: Option<u64>,
+    /// The work to budget for: `x-work-ms`, or the default when the producer did not say.
     pub work_ms: u64,
+    /// Whether `work_ms` came from the producer; if not, the worker budgets what it has
+    /// learned of the job's type instead.
+    pub work_declared: bool,
 }
 
 /// Why a job's metadata was refused.
@@ -91,10 +95,9 @@ pub fn parse(
         Some(deadline) => Some(deadline),
         None => defaults.ttl_ms.map(|ttl| created_ms.saturating_add(ttl)),
     };
-    let work_ms = match header_ms(headers, HEADER_WORK_MS)? {
+    let declared_work_ms = match header_ms(headers, HEADER_WORK_MS)? {
         Some(work) if work > MAX_WORK_MS => return Err(Malformed::WorkTooLong { work_ms: work }),
-        Some(work) => work,
-        None => defaults.work_ms,
+        declared => declared,
     };
     let id_hash = match properties.message_id() {
         Some(id) => hash_id(id.as_bytes()),
@@ -104,7 +107,8 @@ pub fn parse(
         id_hash,
         created_ms,
         deadline_ms,
-        work_ms,
+        work_ms: declared_work_ms.unwrap_or(defaults.work_ms),
+        work_declared: declared_work_ms.is_some(),
     })
 }
 

@@ -25,20 +25,26 @@ pub enum Outcome {
     Doomed,
     /// Its metadata could not be read; rejected without requeue.
     Malformed,
+    /// Still running at its deadline, and stopped there (`handler.enforce_deadline`).
+    TimedOut,
+    /// The handler asked to try again later (exit 75, HTTP 429 or 503): back in the queue.
+    Retried,
     /// Handed back to the queue unstarted, on shutdown.
     Requeued,
 }
 
 impl Outcome {
     /// Every outcome, in ledger order.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Done,
         Outcome::Late,
+        Outcome::TimedOut,
         Outcome::Failed,
         Outcome::Skipped,
         Outcome::Expired,
         Outcome::Doomed,
         Outcome::Malformed,
+        Outcome::Retried,
         Outcome::Requeued,
     ];
 
@@ -52,6 +58,8 @@ impl Outcome {
             Outcome::Expired => "expired",
             Outcome::Doomed => "doomed",
             Outcome::Malformed => "malformed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Retried => "retried",
             Outcome::Requeued => "requeued",
         }
     }
@@ -62,12 +70,17 @@ impl Outcome {
 pub struct WorkerLedger {
     /// Deliveries taken from the broker.
     pub received: u64,
-    counts: [u64; 8],
+    counts: [u64; Outcome::ALL.len()],
     /// Deliveries that were never settled because their channel closed first; the broker puts
     /// them back in the queue.
     pub returned: u64,
-    /// Milliseconds of handler work spent on jobs that finished late: work that bought nothing.
+    /// Milliseconds of handler work spent on jobs that finished late.
     pub late_work_ms: u64,
+    /// Milliseconds of handler work that bought nothing: jobs that finished late or were
+    /// stopped at their deadline.
+    pub wasted_work_ms: u64,
+    /// Milliseconds of handler work in all.
+    pub work_ms: u64,
     /// Queue wait (enqueue to start) of jobs that ran.
     pub wait_ms: Histogram,
     /// Time to spare (deadline minus finish) of jobs that finished on time.
@@ -104,10 +117,12 @@ impl WorkerLedger {
         }
         let _ = write!(
             line,
-            " returned={} in_flight={} late_work_ms={} wait_p50_ms={} wait_p99_ms={} slack_p50_ms={}",
+            " returned={} in_flight={} late_work_ms={} wasted_work_ms={} work_ms={} wait_p50_ms={} wait_p99_ms={} slack_p50_ms={}",
             self.returned,
             self.in_flight(),
             self.late_work_ms,
+            self.wasted_work_ms,
+            self.work_ms,
             self.wait_ms.quantile(0.5),
             self.wait_ms.quantile(0.99),
             self.slack_ms.quantile(0.5)

@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod logging;
 pub mod notify;
 pub mod queuer;
+pub mod retries;
 pub mod shed;
 pub mod signals;
 pub mod throttle;

@@ -4,7 +4,8 @@
 //! parsed and one relaxed atomic load for the skip rate. A job is dropped, before any work is
 //! spent on it, when it is
 //! - `expired`: its deadline has passed;
-//! - `doomed`: it has not expired, but the time left is less than the work it needs;
+//! - `doomed`: it has not expired, but the time left is less than the work it needs (declared
+//!   by the producer, or learned by the worker for the job's type);
 //! - `skipped`: its id falls in the share the skip-rate flag asks to drop.
 //!
 //! Expired and doomed jobs are checked first so that the skip rate applies to jobs that could
@@ -62,6 +63,7 @@ mod tests {
             created_ms: 0,
             deadline_ms,
             work_ms,
+            work_declared: true,
         }
     }
 

@@ -24,14 +24,16 @@ use crate::config::{Config, ShedAction};
 use crate::daemon::{self, DaemonError, Role};
 use crate::flags::FlagValues;
 use crate::flags::source::FlagSource;
-use crate::handler::{Handler, HandlerError};
+use crate::handler::estimate::{TypeSlot, WorkEstimates};
+use crate::handler::{Handler, HandlerError, Job};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
 use crate::notify::Notifier;
+use crate::retries::RetryCounts;
 use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use crate::throttle::Throttle;
-use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{AmqpProperties, AmqpValue, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,12 +42,24 @@ use std::time::{Duration, Instant};
 /// that a job's ack is not noticeably late; long enough to batch at a few hundred jobs/s.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
+/// Jobs whose retries are counted, per generation (see [`RetryCounts`]).
+const RETRY_COUNTS_KEPT: usize = 65_536;
+
+/// A quorum queue's count of a job's earlier deliveries.
+const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// A job handed to the pool.
 struct Task {
     generation: u64,
     tag: u64,
     meta: JobMeta,
+    /// The work the doomed check budgets: declared, or learned for the job's type.
+    budget_ms: u64,
+    slot: TypeSlot,
     drop_doomed: bool,
+    enforce_deadline: bool,
+    properties: AmqpProperties,
+    redelivered: bool,
     body: Vec<u8>,
 }
 
@@ -53,6 +67,8 @@ struct Task {
 struct Completion {
     generation: u64,
     tag: u64,
+    id_hash: u64,
+    slot: TypeSlot,
     outcome: Outcome,
     /// Handler time spent, for the late-work counter.
     worked_ms: u64,
@@ -60,7 +76,8 @@ struct Completion {
     wait_ms: Option<u64>,
     /// Deadline minus finish, for jobs that finished on time with a deadline.
     slack_ms: Option<u64>,
-    /// Why the handler failed, for the consumer thread's (throttled) warning.
+    /// Why the handler failed or asked for a retry, for the consumer thread's (throttled)
+    /// warning.
     failure: Option<HandlerError>,
 }
 
@@ -70,6 +87,8 @@ struct Policy {
     defaults: JobDefaults,
     drop_doomed: bool,
     shed_action: ShedAction,
+    enforce_deadline: bool,
+    max_retries: u32,
 }
 
 impl Policy {
@@ -81,6 +100,8 @@ impl Policy {
             },
             drop_doomed: config.worker.drop_doomed,
             shed_action: config.worker.shed_action,
+            enforce_deadline: config.handler.enforce_deadline,
+            max_retries: config.handler.max_retries,
         }
     }
 }
@@ -107,6 +128,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     drop(done_tx);
 
     let audit = config.worker.ledger_file.as_deref().map(AuditLog::open);
+    let estimates = WorkEstimates::new(config.worker.estimate, config.worker.max_job_types);
     let mut worker = Worker {
         policy: Policy::from_config(&config),
         stats: tick(config.log.stats_interval),
@@ -129,6 +151,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         malformed_warnings: Throttle::default(),
         failure_warnings: Throttle::default(),
         audit,
+        estimates,
+        retries: RetryCounts::new(RETRY_COUNTS_KEPT),
     };
     let broker_config = worker.config.broker.clone();
     broker::supervise(&broker_config, "taskworker", &mut worker);
@@ -146,6 +170,9 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         for thread in pool {
             let _ = thread.join();
         }
+    } else {
+        // Not waiting for them: what they run must not outlive the daemon.
+        env.handler.abort_running();
     }
     let mut line = String::from("final role=worker ");
     ledger.write_fields(&mut line);
@@ -195,22 +222,55 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
     let mut completion = Completion {
         generation: task.generation,
         tag: task.tag,
+        id_hash: task.meta.id_hash,
+        slot: task.slot,
         outcome: Outcome::Done,
         worked_ms: 0,
         wait_ms: None,
         slack_ms: None,
         failure: None,
     };
-    match shed::at_start(&task.meta, started_ms, task.drop_doomed) {
+    let budgeted = JobMeta {
+        work_ms: task.budget_ms,
+        ..task.meta
+    };
+    match shed::at_start(&budgeted, started_ms, task.drop_doomed) {
         Verdict::Expired => completion.outcome = Outcome::Expired,
         Verdict::Doomed => completion.outcome = Outcome::Doomed,
         Verdict::Run | Verdict::Skipped => {
-            let result = handler.handle(&task.meta, &task.body);
+            let job = Job {
+                id: task.properties.message_id().as_deref(),
+                job_type: task.properties.type_().as_deref().unwrap_or(""),
+                properties: &task.properties,
+                body: &task.body,
+                created_ms: task.meta.created_ms,
+                deadline_ms: task.meta.deadline_ms,
+                stop_at_ms: task.meta.deadline_ms.filter(|_| task.enforce_deadline),
+                work_ms: task.meta.work_ms,
+                redelivered: task.redelivered,
+            };
+            // A panicking handler fails its job; it must not take a pool thread with it.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handler.handle(&job)
+            }))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                Err(HandlerError::Failed(format!("handler panicked: {why}")))
+            });
             let finished_ms = now_ms();
             completion.worked_ms = finished_ms.saturating_sub(started_ms);
             completion.wait_ms = Some(started_ms.saturating_sub(task.meta.created_ms));
             completion.outcome = match result {
-                Err(e) => {
+                Err(HandlerError::TimedOut) => Outcome::TimedOut,
+                Err(e @ HandlerError::Retry(_)) => {
+                    completion.failure = Some(e);
+                    Outcome::Retried
+                }
+                Err(e @ HandlerError::Failed(_)) => {
                     completion.failure = Some(e);
                     Outcome::Failed
                 }
@@ -259,6 +319,9 @@ struct Worker<'e, 'a> {
     malformed_warnings: Throttle,
     failure_warnings: Throttle,
     audit: Option<AuditLog>,
+    /// What has been learned of work times, per job type.
+    estimates: WorkEstimates,
+    retries: RetryCounts,
 }
 
 impl Supervised for Worker<'_, '_> {
@@ -443,20 +506,39 @@ impl Worker<'_, '_> {
                 return Ok(());
             }
         };
+        let slot = self
+            .estimates
+            .slot(delivery.properties.type_().as_deref().unwrap_or(""));
+        let budget_ms = if meta.work_declared {
+            meta.work_ms
+        } else {
+            self.estimates.budget_ms(slot, self.policy.defaults.work_ms)
+        };
+        let budgeted = JobMeta {
+            work_ms: budget_ms,
+            ..meta
+        };
         match shed::at_receipt(
-            &meta,
+            &budgeted,
             now,
             self.env.values.skip_ppm(),
             self.policy.drop_doomed,
         ) {
             Verdict::Run => {
                 let body = std::mem::take(&mut delivery.body);
+                let properties = delivery.properties.clone();
+                let redelivered = delivery.redelivered;
                 self.window.hold(tag, delivery);
                 let task = Task {
                     generation: self.generation,
                     tag,
                     meta,
+                    budget_ms,
+                    slot,
                     drop_doomed: self.policy.drop_doomed,
+                    enforce_deadline: self.policy.enforce_deadline,
+                    properties,
+                    redelivered,
                     body,
                 };
                 // Never blocks: the channel holds `prefetch` tasks and the broker sends no more
@@ -485,8 +567,13 @@ impl Worker<'_, '_> {
             self.ledger.returned += 1;
             return;
         }
-        match completion.outcome {
-            Outcome::Late => self.ledger.late_work_ms += completion.worked_ms,
+        let mut outcome = completion.outcome;
+        match outcome {
+            Outcome::Late => {
+                self.ledger.late_work_ms += completion.worked_ms;
+                self.ledger.wasted_work_ms += completion.worked_ms;
+            }
+            Outcome::TimedOut => self.ledger.wasted_work_ms += completion.worked_ms,
             Outcome::Done => {
                 if let Some(slack) = completion.slack_ms {
                     self.ledger.slack_ms.record(slack);
@@ -494,8 +581,27 @@ impl Worker<'_, '_> {
             }
             _ => {}
         }
+        self.ledger.work_ms += completion.worked_ms;
+        if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
+            self.estimates.observe(completion.slot, completion.worked_ms);
+        }
         if let Some(wait) = completion.wait_ms {
             self.ledger.wait_ms.record(wait);
+        }
+        let mut gave_up = None;
+        if outcome == Outcome::Retried {
+            let earlier = self
+                .window
+                .get(completion.tag)
+                .map_or(0, |d| delivery_count(&d.properties));
+            let retries = self.retries.bump(completion.id_hash, earlier);
+            if retries > self.policy.max_retries {
+                outcome = Outcome::Failed;
+                gave_up = Some(retries - 1);
+            }
+        }
+        if outcome != Outcome::Retried {
+            self.retries.forget(completion.id_hash);
         }
         if let Some(why) = &completion.failure {
             let window = &self.window;
@@ -503,10 +609,15 @@ impl Worker<'_, '_> {
                 let id = window
                     .get(completion.tag)
                     .and_then(|d| d.properties.message_id().as_deref());
-                format!("job {:?} failed: {why}", id.unwrap_or("(no message_id)"))
+                let id = id.unwrap_or("(no message_id)");
+                match gave_up {
+                    Some(n) => format!("job {id:?} failed: {why}, after {n} retries"),
+                    None if outcome == Outcome::Retried => format!("job {id:?} {why}"),
+                    None => format!("job {id:?} failed: {why}"),
+                }
             });
         }
-        if !self.window.decide(completion.tag, completion.outcome) {
+        if !self.window.decide(completion.tag, outcome) {
             // Only possible if a tag were decided twice: a bug, never input.
             log::error!("completion for unknown delivery tag {}", completion.tag);
         }
@@ -617,6 +728,7 @@ impl Worker<'_, '_> {
             return;
         };
         self.policy = Policy::from_config(&new);
+        self.estimates.set_settings(new.worker.estimate);
         if new.log.stats_interval != self.config.log.stats_interval {
             self.stats = tick(new.log.stats_interval);
         }
@@ -640,6 +752,8 @@ impl Worker<'_, '_> {
             },
             daemon::flag_fields(&self.env.values)
         ));
+        self.estimates
+            .write_fields(&mut line, self.policy.defaults.work_ms);
         line
     }
 }
@@ -648,13 +762,30 @@ impl Worker<'_, '_> {
 fn disposition(outcome: Outcome, shed_action: ShedAction) -> Disposition {
     match outcome {
         Outcome::Done | Outcome::Late => Disposition::Ack,
-        Outcome::Failed | Outcome::Malformed => Disposition::Reject,
+        Outcome::Failed | Outcome::Malformed | Outcome::TimedOut => Disposition::Reject,
         Outcome::Skipped | Outcome::Expired | Outcome::Doomed => match shed_action {
             ShedAction::Ack => Disposition::Ack,
             ShedAction::Reject => Disposition::Reject,
         },
-        Outcome::Requeued => Disposition::Requeue,
+        Outcome::Requeued | Outcome::Retried => Disposition::Requeue,
     }
+}
+
+/// A quorum queue's `x-delivery-count` (earlier deliveries of this job); 0 without one.
+fn delivery_count(properties: &AmqpProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get(HEADER_DELIVERY_COUNT));
+    let count = match value {
+        Some(AmqpValue::LongLongInt(n)) => *n,
+        Some(AmqpValue::LongInt(n)) => i64::from(*n),
+        Some(AmqpValue::LongUInt(n)) => i64::from(*n),
+        Some(AmqpValue::ShortInt(n)) => i64::from(*n),
+        Some(AmqpValue::ShortUInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    u32::try_from(count.max(0)).unwrap_or(u32::MAX)
 }
 
 /// One ack, reject or nack frame; `multiple` settles every delivery up to this one.
@@ -677,12 +808,21 @@ fn send_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handler::SimulatedHandler;
 
     struct Failing;
 
     impl Handler for Failing {
-        fn handle(&self, _: &JobMeta, _: &[u8]) -> Result<(), HandlerError> {
-            Err(HandlerError("downstream refused".into()))
+        fn handle(&self, _: &Job<'_>) -> Result<(), HandlerError> {
+            Err(HandlerError::Failed("downstream refused".into()))
+        }
+    }
+
+    struct Panicking;
+
+    impl Handler for Panicking {
+        fn handle(&self, _: &Job<'_>) -> Result<(), HandlerError> {
+            panic!("bad input");
         }
     }
 
@@ -696,8 +836,22 @@ mod tests {
                 created_ms: now,
                 deadline_ms: deadline_in_ms.map(|d| now + d),
                 work_ms,
+                work_declared: true,
             },
+            budget_ms: work_ms,
+            slot: WorkEstimates::new(
+                crate::handler::estimate::EstimateSettings {
+                    quantile: 0.9,
+                    half_life_jobs: 10,
+                    min_jobs: 1,
+                },
+                1,
+            )
+            .slot(""),
             drop_doomed: true,
+            enforce_deadline: false,
+            properties: AmqpProperties::default(),
+            redelivered: false,
             body: Vec::new(),
         }
     }
@@ -713,25 +867,69 @@ mod tests {
     }
 
     #[test]
+    fn a_panicking_handler_fails_its_job_and_keeps_the_thread() {
+        let completion = run_task(&task(Some(60_000), 0), &Panicking);
+        assert_eq!(completion.outcome, Outcome::Failed);
+        let why = completion.failure.map(|e| e.to_string()).unwrap_or_default();
+        assert!(why.contains("bad input"), "{why}");
+    }
+
+    #[test]
     fn deadline_is_checked_again_at_start() {
-        let handler = crate::handler::SimulatedHandler;
         let expired = task(Some(0), 0);
-        assert_eq!(run_task(&expired, &handler).outcome, Outcome::Expired);
+        assert_eq!(run_task(&expired, &SimulatedHandler).outcome, Outcome::Expired);
         let doomed = task(Some(60_000), 120_000);
-        let completion = run_task(&doomed, &handler);
+        let completion = run_task(&doomed, &SimulatedHandler);
         assert_eq!(completion.outcome, Outcome::Doomed);
         assert_eq!(completion.worked_ms, 0, "no work spent");
     }
 
     #[test]
-    fn finishing_after_the_deadline_is_late() {
-        let mut late = task(Some(5), 30);
+    fn the_budget_not_the_declared_work_decides_doomed_at_start() {
+        let mut learned_long = task(Some(60_000), 0);
+        learned_long.budget_ms = 120_000;
+        assert_eq!(
+            run_task(&learned_long, &SimulatedHandler).outcome,
+            Outcome::Doomed
+        );
+    }
+
+    #[test]
+    fn past_the_deadline_is_late_unless_enforced_then_timed_out() {
+        // A job already past its deadline when the handler returns: no timing involved.
+        struct PastDeadline;
+        impl Handler for PastDeadline {
+            fn handle(&self, job: &Job<'_>) -> Result<(), HandlerError> {
+                let deadline = job.deadline_ms.expect("has a deadline");
+                while now_ms() <= deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                match job.stop_at_ms {
+                    Some(_) => Err(HandlerError::TimedOut),
+                    None => Ok(()),
+                }
+            }
+        }
+        let mut late = task(Some(50), 0);
         late.drop_doomed = false;
-        let completion = run_task(&late, &crate::handler::SimulatedHandler);
-        assert_eq!(completion.outcome, Outcome::Late);
-        assert!(completion.worked_ms >= 30);
-        let on_time = run_task(&task(Some(60_000), 0), &crate::handler::SimulatedHandler);
+        assert_eq!(run_task(&late, &PastDeadline).outcome, Outcome::Late);
+        let mut stopped = task(Some(50), 0);
+        stopped.enforce_deadline = true;
+        assert_eq!(run_task(&stopped, &PastDeadline).outcome, Outcome::TimedOut);
+        let on_time = run_task(&task(Some(60_000), 0), &SimulatedHandler);
         assert_eq!(on_time.outcome, Outcome::Done);
         assert!(on_time.slack_ms.is_some_and(|s| s > 50_000));
+    }
+
+    #[test]
+    fn retry_and_timeout_map_to_their_dispositions() {
+        assert_eq!(
+            disposition(Outcome::Retried, ShedAction::Ack),
+            Disposition::Requeue
+        );
+        assert_eq!(
+            disposition(Outcome::TimedOut, ShedAction::Ack),
+            Disposition::Reject
+        );
     }
 }

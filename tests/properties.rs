@@ -309,6 +309,7 @@ fn job_meta() -> impl Strategy<Value = JobMeta> {
             created_ms,
             deadline_ms,
             work_ms,
+            work_declared: true,
         })
 }
 
