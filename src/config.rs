@@ -370,7 +370,8 @@ pub fn redact_userinfo(url: &str) -> String {
 }
 
 /// The handler's `PATH` unless `handler.env` sets one.
-pub const HANDLER_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const HANDLER_DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The queuer's job shape and publishing discipline.
 #[derive(Clone, Debug, PartialEq)]
@@ -941,7 +942,9 @@ impl Checker<'_> {
                 };
                 let args: Vec<String> = argv.collect();
                 if args.iter().any(|a| a.contains('\0')) {
-                    return Err(self.invalid("handler.command", "an argument holds a NUL byte".into()));
+                    return Err(
+                        self.invalid("handler.command", "an argument holds a NUL byte".into())
+                    );
                 }
                 let path = env
                     .iter()
@@ -957,7 +960,8 @@ impl Checker<'_> {
                 let Some(url) = h.url.filter(|u| !u.is_empty()) else {
                     return Err(self.invalid(
                         "handler.url",
-                        "expected the URL jobs are POSTed to, e.g. \"http://127.0.0.1:8080/jobs\"".into(),
+                        "expected the URL jobs are POSTed to, e.g. \"http://127.0.0.1:8080/jobs\""
+                            .into(),
                     ));
                 };
                 let valid = url::Url::parse(&url)

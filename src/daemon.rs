@@ -222,9 +222,7 @@ pub fn handler_for(config: &HandlerConfig, pool_threads: usize) -> Arc<dyn Handl
         HandlerKind::Exec { program, args, env } => Arc::new(ExecHandler::new(
             program.clone(),
             args.iter().map(Into::into).collect(),
-            env.iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
+            env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
             config.kill_grace,
             config.output_limit_bytes,
         )),

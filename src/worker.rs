@@ -250,17 +250,16 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
                 redelivered: task.redelivered,
             };
             // A panicking handler fails its job; it must not take a pool thread with it.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                handler.handle(&job)
-            }))
-            .unwrap_or_else(|panic| {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".to_owned());
-                Err(HandlerError::Failed(format!("handler panicked: {why}")))
-            });
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(&job)))
+                    .unwrap_or_else(|panic| {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(no message)".to_owned());
+                        Err(HandlerError::Failed(format!("handler panicked: {why}")))
+                    });
             let finished_ms = now_ms();
             completion.worked_ms = finished_ms.saturating_sub(started_ms);
             completion.wait_ms = Some(started_ms.saturating_sub(task.meta.created_ms));
@@ -583,7 +582,8 @@ impl Worker<'_, '_> {
         }
         self.ledger.work_ms += completion.worked_ms;
         if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
-            self.estimates.observe(completion.slot, completion.worked_ms);
+            self.estimates
+                .observe(completion.slot, completion.worked_ms);
         }
         if let Some(wait) = completion.wait_ms {
             self.ledger.wait_ms.record(wait);
@@ -870,14 +870,20 @@ mod tests {
     fn a_panicking_handler_fails_its_job_and_keeps_the_thread() {
         let completion = run_task(&task(Some(60_000), 0), &Panicking);
         assert_eq!(completion.outcome, Outcome::Failed);
-        let why = completion.failure.map(|e| e.to_string()).unwrap_or_default();
+        let why = completion
+            .failure
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(why.contains("bad input"), "{why}");
     }
 
     #[test]
     fn deadline_is_checked_again_at_start() {
         let expired = task(Some(0), 0);
-        assert_eq!(run_task(&expired, &SimulatedHandler).outcome, Outcome::Expired);
+        assert_eq!(
+            run_task(&expired, &SimulatedHandler).outcome,
+            Outcome::Expired
+        );
         let doomed = task(Some(60_000), 120_000);
         let completion = run_task(&doomed, &SimulatedHandler);
         assert_eq!(completion.outcome, Outcome::Doomed);

@@ -126,7 +126,11 @@ impl WorkEstimates {
         line.push_str(" work_estimate_ms=");
         for (i, name) in self.names.iter().enumerate() {
             let sep = if i == 0 { "" } else { "," };
-            let _ = write!(line, "{sep}{name}:{}", self.budget_ms(TypeSlot(i), default_ms));
+            let _ = write!(
+                line,
+                "{sep}{name}:{}",
+                self.budget_ms(TypeSlot(i), default_ms)
+            );
         }
     }
 }

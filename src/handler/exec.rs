@@ -24,14 +24,14 @@
 use super::output::{JobOutput, Stream};
 use super::{Handler, HandlerError, Job, job_json};
 use crate::clock::now_ms;
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// sysexits' EX_TEMPFAIL: "try again later".
@@ -128,13 +128,9 @@ impl Handler for ExecHandler {
         }
         match (status.code(), status.signal()) {
             (Some(0), _) => Ok(()),
-            (Some(EXIT_RETRY), _) => Err(HandlerError::Retry(format!(
-                "exit status {EXIT_RETRY}"
-            ))),
+            (Some(EXIT_RETRY), _) => Err(HandlerError::Retry(format!("exit status {EXIT_RETRY}"))),
             (Some(code), _) => Err(HandlerError::Failed(format!("exit status {code}"))),
-            (None, Some(signal)) => Err(HandlerError::Failed(format!(
-                "killed by signal {signal}"
-            ))),
+            (None, Some(signal)) => Err(HandlerError::Failed(format!("killed by signal {signal}"))),
             (None, None) => Err(HandlerError::Failed(format!("ended with {status}"))),
         }
     }
@@ -298,7 +294,10 @@ fn read_available<R: Read>(pipe: &mut Option<R>, stream: Stream, output: &mut Jo
 }
 
 /// `poll(2)` over up to four descriptors; `true` where one is ready (or closed, or in error).
-fn poll(fds: [Option<(RawFd, libc::c_short)>; 4], timeout: Option<Duration>) -> io::Result<[bool; 4]> {
+fn poll(
+    fds: [Option<(RawFd, libc::c_short)>; 4],
+    timeout: Option<Duration>,
+) -> io::Result<[bool; 4]> {
     let mut polled = [libc::pollfd {
         fd: -1,
         events: 0,

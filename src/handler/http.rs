@@ -121,7 +121,9 @@ fn drain(response: ureq::Response) {
 }
 
 fn is_header_safe(value: &str) -> bool {
-    value.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
 /// A header value that HTTP can carry: bytes outside printable ASCII are percent-encoded.

@@ -37,7 +37,9 @@ pub fn job_json(job: &Job<'_>) -> String {
     put("type", p.type_().clone().map(Value::String));
     put("user_id", p.user_id().clone().map(Value::String));
     put("app_id", p.app_id().clone().map(Value::String));
-    let headers = job.headers().map_or_else(|| Value::Object(Map::new()), table);
+    let headers = job
+        .headers()
+        .map_or_else(|| Value::Object(Map::new()), table);
     json!({
         "id": job.id,
         "type": job.job_type,

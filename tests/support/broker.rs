@@ -158,6 +158,13 @@ impl TestBroker {
             .expect("publish");
     }
 
+    /// Publishes one job with exactly these properties.
+    pub fn publish_properties(&self, queue: &str, properties: AmqpProperties, body: &[u8]) {
+        self.channel()
+            .basic_publish("", Publish::with_properties(body, queue, properties))
+            .expect("publish");
+    }
+
     /// Messages ready in `queue` (not counting unacked ones).
     pub fn ready_count(&self, queue: &str) -> u32 {
         self.channel()

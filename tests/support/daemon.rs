@@ -141,7 +141,13 @@ impl Daemon {
     }
 
     pub fn start_with_env(bin: Bin, config: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut command = Command::new(bin.path());
+        Daemon::start_program(&bin.path(), config, env)
+    }
+
+    /// Starts any daemon binary built on flagshed's library (an example's, a user's) with
+    /// `--config config`, as [`Daemon::start_with_env`] does for the two shipped ones.
+    pub fn start_program(program: &Path, config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut command = Command::new(program);
         command
             .arg("--config")
             .arg(config)
@@ -348,16 +354,30 @@ impl Ledger {
         self.fields.get(key).map(String::as_str).unwrap_or("")
     }
 
+    /// Asserts a worker's final line accounts for every delivery: each received job is in
+    /// exactly one outcome or went back to the broker with its channel.
+    pub fn assert_balanced(&self) {
+        assert_eq!(self.text("balanced"), "true", "{:?}", self.fields);
+        assert_eq!(
+            self.get("received"),
+            self.settled() + self.get("returned") + self.get("returned_unacked"),
+            "{:?}",
+            self.fields
+        );
+    }
+
     /// The worker's settled outcomes, summed.
     pub fn settled(&self) -> u64 {
         [
             "done",
             "late",
+            "timed_out",
             "failed",
             "skipped",
             "expired",
             "doomed",
             "malformed",
+            "retried",
             "requeued",
         ]
         .iter()

@@ -6,4 +6,5 @@ pub mod broker;
 pub mod capture;
 pub mod daemon;
 pub mod fake_ld;
+pub mod http_server;
 pub mod raw_amqp;

@@ -1,0 +1,469 @@
+//! The exec handler with real programs on the real broker: exit statuses, deadlines enforced on
+//! whole process groups, bodies and output of any size, a clean environment, and work times
+//! learned per job type. Every test checks the worker's ledger.
+
+mod support;
+
+use amiquip::{AmqpProperties, AmqpValue, FieldTable};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::broker::{TestBroker, now_ms, unique_name};
+use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Writes an executable `/bin/sh` script.
+fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
+    let path = dir.write(name, &format!("#!/bin/sh\n{body}\n"));
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// A worker config running `command` as its exec handler.
+fn exec_config(queue: &str, command: &[&str]) -> TestConfig {
+    let argv: Vec<String> = command.iter().map(|a| toml_str(a)).collect();
+    TestConfig::new(queue)
+        .set("handler", "kind", "\"exec\"")
+        .set("handler", "command", &format!("[{}]", argv.join(", ")))
+}
+
+fn job(id: &str) -> AmqpProperties {
+    AmqpProperties::default().with_message_id(id.to_owned())
+}
+
+/// A job whose deadline is `in_ms` from now.
+fn job_due(id: &str, in_ms: u64) -> AmqpProperties {
+    let now = now_ms();
+    let mut headers = FieldTable::new();
+    headers.insert("x-created-ms".into(), AmqpValue::LongLongInt(now as i64));
+    headers.insert(
+        "x-deadline-ms".into(),
+        AmqpValue::LongLongInt((now + in_ms) as i64),
+    );
+    job(id).with_headers(headers)
+}
+
+fn start(config: &Path) -> Daemon {
+    let worker = Daemon::start(Bin::Worker, config);
+    worker.wait_for_line("consuming from queue", WAIT);
+    worker
+}
+
+#[test]
+fn exit_statuses_map_to_outcomes_and_retries_are_bounded() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-exit");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-exit");
+    let exit_with = script(
+        &dir,
+        "exit-with.sh",
+        r#"read what
+case "$what" in
+  kill) kill -KILL $$ ;;
+  *) exit "$what" ;;
+esac"#,
+    );
+    let audit = dir.path().join("audit");
+    let config = exec_config(&queue, &[exit_with.to_str().expect("utf-8 path")])
+        .set("handler", "max_retries", "2")
+        .set(
+            "worker",
+            "ledger_file",
+            &toml_str(&audit.display().to_string()),
+        )
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    for (id, body) in [
+        ("ok", "0"),
+        ("bad", "3"),
+        ("later", "75"),
+        ("killed", "kill"),
+    ] {
+        broker.publish_properties(&queue, job(id), body.as_bytes());
+    }
+    // "later" runs three times: two retries, then it fails.
+    worker.wait_settled(6);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("received"), 6, "{ledger:?}");
+    assert_eq!(ledger.get("done"), 1, "{ledger:?}");
+    assert_eq!(ledger.get("retried"), 2, "{ledger:?}");
+    assert_eq!(ledger.get("failed"), 3, "{ledger:?}");
+    assert_eq!(broker.ready_count(&queue), 0, "every job settled");
+    let trail = std::fs::read_to_string(&audit).expect("audit trail");
+    let mut states: Vec<(String, String)> = trail
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split(' ').skip(1);
+            Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+        })
+        .collect();
+    states.sort();
+    let expected = [
+        ("bad", "failed"),
+        ("killed", "failed"),
+        ("later", "failed"),
+        ("later", "retried"),
+        ("later", "retried"),
+        ("ok", "done"),
+    ];
+    assert_eq!(
+        states,
+        expected.map(|(id, state)| (id.to_owned(), state.to_owned())),
+        "{trail}"
+    );
+}
+
+/// Whether `pid` has ended (gone, or a zombie nobody has reaped yet).
+fn has_ended(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Runs one job of a script that starts a grandchild and sleeps past the deadline; returns
+/// how long after the deadline both processes had ended, and the ledger.
+fn stop_at_deadline(what: &str, ignore_term: bool, kill_grace_ms: u64) -> (Duration, Ledger) {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name(what);
+    broker.owns_queue(&queue);
+    let dir = TempDir::new(what);
+    let pids = dir.path().join("pids");
+    let trap = if ignore_term { "trap '' TERM" } else { "" };
+    let sleeper = script(
+        &dir,
+        "sleeper.sh",
+        &format!("{trap}\nsleep 60 &\necho \"$$ $!\" > \"$PIDS_FILE\"\nwait\nsleep 60"),
+    );
+    let config = exec_config(&queue, &[sleeper.to_str().expect("utf-8 path")])
+        .set(
+            "handler",
+            "env",
+            &format!(
+                "{{ PIDS_FILE = {} }}",
+                toml_str(&pids.display().to_string())
+            ),
+        )
+        .set("handler", "kill_grace_ms", &kill_grace_ms.to_string())
+        // Budget little work for it, so that it starts rather than being dropped as doomed.
+        .set("worker", "default_work_ms", "10")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    let deadline_in = 800;
+    let properties = job_due("sleeper", deadline_in);
+    let deadline = Instant::now() + Duration::from_millis(deadline_in);
+    broker.publish_properties(&queue, properties, b"");
+
+    let started = Instant::now();
+    let text = loop {
+        match std::fs::read_to_string(&pids) {
+            Ok(text) if text.ends_with('\n') => break text,
+            _ if started.elapsed() > WAIT => panic!("no pids file; log:\n{}", worker.log()),
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let pids: Vec<i32> = text
+        .split_whitespace()
+        .map(|p| p.parse().expect("a pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "{text}");
+    while !pids.iter().all(|&pid| has_ended(pid)) {
+        assert!(started.elapsed() < WAIT, "processes still running");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ended_after = Instant::now().saturating_duration_since(deadline);
+    worker.wait_settled(1);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    (ended_after, ledger)
+}
+
+#[test]
+fn a_job_past_its_deadline_is_stopped_with_its_grandchildren() {
+    let (ended_after, ledger) = stop_at_deadline("exec-deadline", false, 2_000);
+    assert_eq!(ledger.get("timed_out"), 1, "{ledger:?}");
+    // SIGTERM at the deadline ends both; SIGKILL (2 s later) is not needed.
+    assert!(
+        ended_after < Duration::from_millis(100),
+        "ended {ended_after:?} after the deadline"
+    );
+}
+
+#[test]
+fn a_job_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let grace_ms = 300;
+    let (ended_after, ledger) = stop_at_deadline("exec-ignores-term", true, grace_ms);
+    assert_eq!(ledger.get("timed_out"), 1, "{ledger:?}");
+    assert!(
+        ended_after >= Duration::from_millis(grace_ms),
+        "ended {ended_after:?} after the deadline: before SIGKILL was due"
+    );
+    assert!(
+        ended_after < Duration::from_millis(grace_ms + 100),
+        "ended {ended_after:?} after the deadline"
+    );
+}
+
+#[test]
+fn large_bodies_reach_readers_and_do_not_block_on_children_that_never_read() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-body");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-body");
+    // Reads nothing, writes 1 MB: the worker must read the output while stdin is still full.
+    let ignores = script(
+        &dir,
+        "ignores-stdin.sh",
+        "if [ \"$FLAGSHED_JOB_ID\" = count ]; then exec wc -c; fi\nhead -c 1000000 /dev/zero",
+    );
+    let config = exec_config(&queue, &[ignores.to_str().expect("utf-8 path")])
+        .set("handler", "output_limit_bytes", "100")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    let body = vec![b'x'; 5 * 1024 * 1024];
+    broker.publish_properties(&queue, job("ignore"), &body);
+    broker.publish_properties(&queue, job("count"), &body);
+    worker.wait_settled(2);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 2, "{ledger:?}\n{}", worker.log());
+    let log = worker.log();
+    assert!(
+        log.contains("job count stdout: 5242880"),
+        "the whole body reached wc: {log}"
+    );
+}
+
+#[test]
+fn a_flood_of_output_is_logged_up_to_the_limit_and_counted() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-flood");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-flood");
+    let flood = script(
+        &dir,
+        "flood.sh",
+        "yes flood | head -n 200000\necho oops >&2",
+    );
+    let config = exec_config(&queue, &[flood.to_str().expect("utf-8 path")])
+        .set("handler", "output_limit_bytes", "1000")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    broker.publish_properties(&queue, job("flood"), b"");
+    worker.wait_settled(1);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 1, "{ledger:?}");
+    let log = worker.log();
+    // 1,000 bytes are 200 lines of "flood"; the other 199,800 lines and stderr's "oops" are
+    // counted, not logged.
+    assert_eq!(log.matches("job flood stdout: flood").count(), 200);
+    assert!(!log.contains("oops"), "{log}");
+    assert!(
+        log.contains("job flood: 999004 more bytes of output not logged"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_command_that_cannot_run_is_a_config_error() {
+    let dir = TempDir::new("exec-missing");
+    let not_executable = dir.write("plain.txt", "echo hi\n");
+    for program in [
+        "/nonexistent/handler".to_owned(),
+        "no-such-handler-anywhere".to_owned(),
+        not_executable.display().to_string(),
+    ] {
+        let config = exec_config("q", &[&program]).write(&dir, "flagshed.toml");
+        let out = Command::new(Bin::Worker.path())
+            .arg("--check-config")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run taskworker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{program}: {stderr}");
+        assert!(stderr.contains("handler.command"), "{stderr}");
+        assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+    }
+}
+
+#[test]
+fn a_command_gone_at_run_time_fails_the_job_and_the_worker_goes_on() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-gone");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-gone");
+    let ok = script(&dir, "ok.sh", "exit 0");
+    let config =
+        exec_config(&queue, &[ok.to_str().expect("utf-8 path")]).write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    std::fs::remove_file(&ok).expect("remove the handler");
+    broker.publish_properties(&queue, job("first"), b"");
+    worker.wait_settled(1);
+    script(&dir, "ok.sh", "exit 0");
+    broker.publish_properties(&queue, job("second"), b"");
+    worker.wait_settled(2);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("failed"), 1, "{ledger:?}");
+    assert_eq!(ledger.get("done"), 1, "{ledger:?}");
+    assert!(worker.log().contains("cannot run"), "{}", worker.log());
+}
+
+#[test]
+fn the_child_sees_the_jobs_facts_and_none_of_the_daemons_environment() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-env");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-env");
+    let env_file = dir.path().join("env");
+    let dump = script(
+        &dir,
+        "dump.sh",
+        "env > \"$ENV_FILE.tmp\" && mv \"$ENV_FILE.tmp\" \"$ENV_FILE\"",
+    );
+    let config = exec_config(&queue, &[dump.to_str().expect("utf-8 path")])
+        .set(
+            "handler",
+            "env",
+            &format!(
+                "{{ ENV_FILE = {}, TENANT = \"acme\" }}",
+                toml_str(&env_file.display().to_string())
+            ),
+        )
+        .set("launchdarkly", "startup_wait_ms", "0")
+        .set("launchdarkly", "stream_uri", "\"http://127.0.0.1:9\"")
+        .set("launchdarkly", "base_uri", "\"http://127.0.0.1:9\"")
+        .write(&dir, "flagshed.toml");
+    let secret = "sdk-test-secret-never-in-a-child";
+    let creds = dir.path().join("creds");
+    std::fs::create_dir_all(&creds).expect("credentials dir");
+    let mut worker = Daemon::start_with_env(
+        Bin::Worker,
+        &config,
+        &[
+            ("LAUNCHDARKLY_SDK_KEY", secret),
+            ("CREDENTIALS_DIRECTORY", creds.to_str().expect("utf-8")),
+            ("FLAGSHED_TEST_MARKER", "daemon-only"),
+        ],
+    );
+    worker.wait_for_line("consuming from queue", WAIT);
+    let created = now_ms();
+    let mut headers = FieldTable::new();
+    headers.insert(
+        "x-created-ms".into(),
+        AmqpValue::LongLongInt(created as i64),
+    );
+    headers.insert(
+        "x-deadline-ms".into(),
+        AmqpValue::LongLongInt(created as i64 + 60_000),
+    );
+    headers.insert("x-tenant".into(), AmqpValue::LongString("acme".into()));
+    let properties = job("env-1")
+        .with_type_("thumbnail".into())
+        .with_headers(headers);
+    broker.publish_properties(&queue, properties, b"");
+    worker.wait_settled(1);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 1, "{ledger:?}");
+
+    let text = std::fs::read_to_string(&env_file).expect("the child wrote its environment");
+    assert!(!text.contains(secret), "{text}");
+    let vars: std::collections::BTreeMap<&str, &str> =
+        text.lines().filter_map(|l| l.split_once('=')).collect();
+    let mut names: Vec<&str> = vars.keys().copied().collect();
+    // /bin/sh adds PWD (and may add SHLVL or OLDPWD) to what `env` prints.
+    names.retain(|n| !matches!(*n, "PWD" | "SHLVL" | "OLDPWD" | "_"));
+    assert_eq!(
+        names,
+        [
+            "ENV_FILE",
+            "FLAGSHED_CREATED_MS",
+            "FLAGSHED_DEADLINE_MS",
+            "FLAGSHED_JOB_ID",
+            "FLAGSHED_JOB_JSON",
+            "FLAGSHED_JOB_TYPE",
+            "FLAGSHED_REDELIVERED",
+            "FLAGSHED_TIME_LEFT_MS",
+            "LANG",
+            "PATH",
+            "TENANT",
+        ],
+        "{text}"
+    );
+    assert_eq!(vars["FLAGSHED_JOB_ID"], "env-1");
+    assert_eq!(vars["FLAGSHED_JOB_TYPE"], "thumbnail");
+    assert_eq!(vars["FLAGSHED_CREATED_MS"], created.to_string());
+    assert_eq!(vars["FLAGSHED_DEADLINE_MS"], (created + 60_000).to_string());
+    assert_eq!(vars["FLAGSHED_REDELIVERED"], "0");
+    assert_eq!(vars["TENANT"], "acme");
+    let left: u64 = vars["FLAGSHED_TIME_LEFT_MS"].parse().expect("a number");
+    assert!(left <= 60_000 && left > 0, "{left}");
+    let meta: serde_json::Value = serde_json::from_str(vars["FLAGSHED_JOB_JSON"]).expect("JSON");
+    assert_eq!(meta["headers"]["x-tenant"], "acme", "{meta}");
+    assert_eq!(meta["properties"]["type"], "thumbnail", "{meta}");
+}
+
+/// The `work_estimate_ms` entry for `job_type` in a stats line.
+fn estimate_ms(stats: &Ledger, job_type: &str) -> Option<u64> {
+    stats
+        .text("work_estimate_ms")
+        .split(',')
+        .filter_map(|entry| entry.split_once(':'))
+        .find(|(name, _)| *name == job_type)
+        .and_then(|(_, ms)| ms.parse().ok())
+}
+
+#[test]
+fn the_work_estimate_per_type_follows_a_change_in_work_time() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-estimate");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-estimate");
+    let sleeper = script(
+        &dir,
+        "sleep-ms.sh",
+        r#"read ms
+exec sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))""#,
+    );
+    let config = exec_config(&queue, &[sleeper.to_str().expect("utf-8 path")])
+        .set("worker", "concurrency", "4")
+        .set("worker", "estimate_quantile", "0.9")
+        .set("worker", "estimate_min_jobs", "5")
+        .set("worker", "estimate_half_life_jobs", "10")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    let publish = |job_type: &str, ms: u64, count: usize| {
+        for i in 0..count {
+            let properties = job(&format!("{job_type}-{ms}-{i}")).with_type_(job_type.into());
+            broker.publish_properties(&queue, properties, ms.to_string().as_bytes());
+        }
+    };
+    publish("resize", 50, 20);
+    publish("report", 300, 8);
+    let stats = worker.wait_settled(28);
+    let resize = estimate_ms(&stats, "resize").expect("resize estimated");
+    let report = estimate_ms(&stats, "report").expect("report estimated");
+    assert!((50..150).contains(&resize), "{stats:?}");
+    assert!(report >= 300, "{stats:?}");
+    publish("resize", 250, 20);
+    let stats = worker.wait_settled(48);
+    let resize_after = estimate_ms(&stats, "resize").expect("resize estimated");
+    assert!(resize_after >= 250, "did not follow: {stats:?}");
+    assert_eq!(
+        estimate_ms(&stats, "report"),
+        Some(report),
+        "another type is not touched"
+    );
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 48, "{ledger:?}");
+}
