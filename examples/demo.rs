@@ -123,11 +123,14 @@ impl Lab {
         );
     }
 
+    /// Deadline-aware shedding on or off; the original design also ran every job to its end.
     fn set_drop_doomed(&mut self, on: bool) {
-        self.config =
-            self.config
-                .clone()
-                .set("worker", "drop_doomed", if on { "true" } else { "false" });
+        let value = if on { "true" } else { "false" };
+        self.config = self.config.clone().set("worker", "drop_doomed", value).set(
+            "handler",
+            "enforce_deadline",
+            value,
+        );
         self.config.write(&self.dir, "flagshed.toml");
         self.worker.signal(libc::SIGHUP);
     }
@@ -150,6 +153,7 @@ fn main() {
         .set("worker", "concurrency", &CONCURRENCY.to_string())
         .set("worker", "shed_action", "\"ack\"")
         .set("worker", "drop_doomed", "false")
+        .set("handler", "enforce_deadline", "false")
         .set("queuer", "ttl_ms", &TTL_MS.to_string())
         .set("queuer", "work_ms", &WORK_MS.to_string())
         .set("log", "stats_interval_ms", "500");

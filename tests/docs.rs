@@ -164,7 +164,15 @@ fn accepted_keys_are_read_from_the_code() {
     let sections: BTreeSet<&str> = keys.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(
         sections,
-        BTreeSet::from(["broker", "flags", "launchdarkly", "log", "queuer", "worker"])
+        BTreeSet::from([
+            "broker",
+            "flags",
+            "handler",
+            "launchdarkly",
+            "log",
+            "queuer",
+            "worker"
+        ])
     );
     assert!(keys.contains(&("log".into(), "stats_interval_ms".into())));
 }
