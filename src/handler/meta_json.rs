@@ -9,9 +9,21 @@ use super::Job;
 use amiquip::{AmqpValue, FieldTable};
 use serde_json::{Map, Value, json};
 
+/// Past this size the headers are left out (`"headers_omitted": true`): one environment
+/// variable may hold at most 128 KiB on Linux, and a job must not fail for being described.
+pub const MAX_JOB_JSON_BYTES: usize = 96 * 1024;
+
 /// `{"id":..,"type":..,"created_ms":..,"deadline_ms":..,"redelivered":..,
-/// "properties":{..},"headers":{..}}`.
+/// "properties":{..},"headers":{..}}`, at most [`MAX_JOB_JSON_BYTES`] long.
 pub fn job_json(job: &Job<'_>) -> String {
+    let full = describe(job, true);
+    if full.len() <= MAX_JOB_JSON_BYTES {
+        return full;
+    }
+    describe(job, false)
+}
+
+fn describe(job: &Job<'_>, with_headers: bool) -> String {
     let p = job.properties;
     let mut properties = Map::new();
     let mut put = |name: &str, value: Option<Value>| {
@@ -37,10 +49,11 @@ pub fn job_json(job: &Job<'_>) -> String {
     put("type", p.type_().clone().map(Value::String));
     put("user_id", p.user_id().clone().map(Value::String));
     put("app_id", p.app_id().clone().map(Value::String));
-    let headers = job
-        .headers()
-        .map_or_else(|| Value::Object(Map::new()), table);
-    json!({
+    let headers = match job.headers() {
+        Some(headers) if with_headers => table(headers),
+        _ => Value::Object(Map::new()),
+    };
+    let mut described = json!({
         "id": job.id,
         "type": job.job_type,
         "created_ms": job.created_ms,
@@ -48,8 +61,11 @@ pub fn job_json(job: &Job<'_>) -> String {
         "redelivered": job.redelivered,
         "properties": properties,
         "headers": headers,
-    })
-    .to_string()
+    });
+    if !with_headers {
+        described["headers_omitted"] = Value::Bool(true);
+    }
+    described.to_string()
 }
 
 fn table(t: &FieldTable) -> Value {
@@ -117,5 +133,28 @@ mod tests {
         assert_eq!(parsed["headers"]["x-tenant"], "acme");
         assert_eq!(parsed["headers"]["x-n"], -3);
         assert_eq!(parsed["headers"]["x-raw"], "00ff");
+        assert_eq!(parsed.get("headers_omitted"), None);
+    }
+
+    #[test]
+    fn huge_headers_are_left_out_so_the_variable_fits() {
+        let mut headers = FieldTable::new();
+        headers.insert("x-big".into(), AmqpValue::LongString("\u{1}".repeat(60_000)));
+        let properties = AmqpProperties::default().with_headers(headers);
+        let job = Job {
+            id: None,
+            job_type: "",
+            properties: &properties,
+            body: b"",
+            created_ms: 0,
+            deadline_ms: None,
+            stop_at_ms: None,
+            work_ms: 0,
+            redelivered: false,
+        };
+        let text = job_json(&job);
+        assert!(text.len() <= MAX_JOB_JSON_BYTES, "{}", text.len());
+        let parsed: Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(parsed["headers_omitted"], true);
     }
 }
