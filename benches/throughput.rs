@@ -948,7 +948,8 @@ mod child {
             support::daemon::toml_str(queue)
         );
         let config = Config::parse(Path::new("bench.toml"), &text).expect("a valid bench config");
-        flagshed::broker::connect(&config.broker, "bench-bare").expect("connect to RabbitMQ")
+        flagshed::broker::connect(&config.broker, &config.broker.addresses[0], "bench-bare")
+            .expect("connect to RabbitMQ")
     }
 
     fn report(count: u64, secs: f64) {

@@ -73,10 +73,10 @@ impl Backoff {
 
 /// Marsaglia's xorshift64: a few instructions per number, good enough to spread retries.
 #[derive(Debug)]
-struct XorShift(u64);
+pub(crate) struct XorShift(u64);
 
 impl XorShift {
-    fn from_time_and_pid() -> XorShift {
+    pub(crate) fn from_time_and_pid() -> XorShift {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -86,7 +86,7 @@ impl XorShift {
         XorShift(if seed == 0 { 1 } else { seed })
     }
 
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;

@@ -5,6 +5,7 @@
 //! loading trusts `Config`, and a reload builds a whole new one before anything changes, so a
 //! bad edit can never leave a daemon half-reconfigured.
 
+use crate::broker_address::BrokerAddress;
 pub use crate::handler::estimate::EstimateSettings;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -33,7 +34,8 @@ pub enum ConfigError {
     },
     /// The file is not valid UTF-8 text.
     NotUtf8 { path: PathBuf },
-    /// The TOML did not parse, or a key is unknown or of the wrong type.
+    /// The TOML did not parse, or a key is unknown or of the wrong type. The message never
+    /// quotes the file's text (a line may hold a password): it gives the line and column.
     Parse {
         path: PathBuf,
         key: String,
@@ -103,6 +105,10 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawBroker {
     url: Option<String>,
+    urls: Option<Vec<String>>,
+    tls_ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
     queue: Option<String>,
     durable: Option<bool>,
     queue_type: Option<String>,
@@ -203,14 +209,91 @@ pub struct Config {
     pub flags: FlagsConfig,
     pub launchdarkly: LaunchDarklyConfig,
     pub log: LogConfig,
+    /// What the process's surroundings gave at startup; a reload uses the same.
+    pub surroundings: Surroundings,
+}
+
+impl Config {
+    /// Every secret the config holds (the SDK key, broker passwords, a handler URL's
+    /// password), for the logger to scrub from every line.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = self
+            .broker
+            .addresses
+            .iter()
+            .map(|a| a.password().to_owned())
+            .collect();
+        secrets.extend(self.launchdarkly.sdk_key.clone());
+        if let HandlerKind::Http { url, .. } = &self.handler.kind {
+            if let Some(password) = url::Url::parse(url)
+                .ok()
+                .and_then(|u| u.password().map(str::to_owned))
+            {
+                secrets.push(password);
+            }
+        }
+        secrets
+    }
+}
+
+/// What a daemon takes from outside its config file, read once at startup
+/// ([`Surroundings::read`]): the SDK key from `LAUNCHDARKLY_SDK_KEY` or the `sdk-key`
+/// credential, the broker password from the `broker-password` credential, and the host name.
+/// Parsing a config never reads the environment itself, so a test's result does not depend
+/// on the shell that runs it.
+#[derive(Clone, Default, PartialEq)]
+pub struct Surroundings {
+    pub sdk_key: Option<String>,
+    pub broker_password: Option<String>,
+    /// The default `flags.context_key`; empty reads as `localhost`.
+    pub host_name: String,
+}
+
+impl fmt::Debug for Surroundings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Surroundings")
+            .field("sdk_key", &self.sdk_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "broker_password",
+                &self.broker_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("host_name", &self.host_name)
+            .finish()
+    }
+}
+
+impl Surroundings {
+    /// Reads the environment, the credentials directory and the host name: the one place
+    /// a daemon does so.
+    pub fn read() -> Surroundings {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let credential = |name: &str| {
+            let dir = credentials.as_ref()?;
+            let text = std::fs::read_to_string(dir.join(name)).ok()?;
+            Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+        };
+        let sdk_key = std::env::var(SDK_KEY_ENV)
+            .ok()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .or_else(|| credential(SDK_KEY_CREDENTIAL));
+        Surroundings {
+            sdk_key,
+            broker_password: credential(BROKER_PASSWORD_CREDENTIAL),
+            host_name: host_name(),
+        }
+    }
 }
 
 /// How to reach RabbitMQ and how the job queue is declared. Both daemons declare the queue
 /// with these same arguments, so either may start first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BrokerConfig {
-    /// `amqp://user:password@host:port/vhost`; never logged whole (it may hold a password).
-    pub url: String,
+    /// The nodes to try, from `broker.url` or `broker.urls`, in the order written (the
+    /// connection shuffles them). Their `Debug` and `Display` never show a password.
+    pub addresses: Vec<BrokerAddress>,
+    /// Certificates for `amqps://` nodes.
+    pub tls: TlsFiles,
     pub queue: String,
     pub durable: bool,
     pub queue_type: QueueType,
@@ -225,6 +308,16 @@ pub struct BrokerConfig {
     pub delivery_limit: Option<u32>,
     pub heartbeat_secs: u16,
     pub connect_timeout: Duration,
+}
+
+/// Files for TLS connections, read at each connect so that renewed certificates are picked up
+/// without a restart.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TlsFiles {
+    /// A PEM CA certificate (bundle) trusted besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate (chain) and its PKCS#8 PEM key, for brokers that ask for one.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// RabbitMQ's `x-queue-type`.
@@ -449,8 +542,20 @@ pub struct LogConfig {
 pub const MIN_POLL_INTERVAL_SECS: u64 = 30;
 
 impl Config {
-    /// Reads and validates `path`. Any failure names the file and the key.
+    /// Reads and validates `path` with empty surroundings (see [`Config::parse`]). Any failure
+    /// names the file and the key.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_in(path, &Surroundings::default())
+    }
+
+    /// Validates TOML text as if it had been read from `path`, with empty surroundings (no
+    /// SDK key or broker password from outside the file, host name `localhost`).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_in(path, text, &Surroundings::default())
+    }
+
+    /// Reads and validates `path` in the daemon's `surroundings`.
+    pub fn load_in(path: &Path, surroundings: &Surroundings) -> Result<Config, ConfigError> {
         let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -458,31 +563,69 @@ impl Config {
         let text = String::from_utf8(bytes).map_err(|_| ConfigError::NotUtf8 {
             path: path.to_owned(),
         })?;
-        Config::parse(path, &text)
+        Config::parse_in(path, &text, surroundings)
     }
 
-    /// Validates TOML text as if it had been read from `path`.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    /// Validates TOML text as if read from `path`, in `surroundings`. A parse error gives the
+    /// line and column and never the text there, which may be a password or a key.
+    pub fn parse_in(
+        path: &Path,
+        text: &str,
+        surroundings: &Surroundings,
+    ) -> Result<Config, ConfigError> {
+        let at = |span: Option<std::ops::Range<usize>>| {
+            span.map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!(" (line {line}, column {column})")
+            })
+            .unwrap_or_default()
+        };
         let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             key: String::new(),
-            message: one_line(&e.to_string()),
+            message: format!(
+                "{}{}",
+                without_quoted_text(&one_line(e.message())),
+                at(e.span())
+            ),
         })?;
         let raw: RawConfig =
             serde_path_to_error::deserialize(deserializer).map_err(|e| ConfigError::Parse {
                 path: path.to_owned(),
                 key: e.path().to_string(),
-                message: one_line(e.inner().message()),
+                message: format!(
+                    "{}{}",
+                    without_quoted_text(&one_line(e.inner().message())),
+                    at(e.inner().span())
+                ),
             })?;
-        Config::from_raw(path, raw)
+        Config::from_raw(path, raw, surroundings)
     }
 
     /// Checks every value of `raw` and fills in the defaults documented in flagshed.toml(5).
-    pub fn from_raw(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    pub fn from_raw(
+        path: &Path,
+        raw: RawConfig,
+        surroundings: &Surroundings,
+    ) -> Result<Config, ConfigError> {
         let check = Checker { path };
         let b = raw.broker;
+        let addresses = check.broker_addresses(b.url, b.urls)?;
+        let addresses: Vec<BrokerAddress> = addresses
+            .into_iter()
+            .map(|a| a.with_default_password(surroundings.broker_password.as_deref()))
+            .collect();
+        let tls = check.tls_files(
+            addresses.iter().any(|a| a.tls),
+            b.tls_ca_file,
+            b.tls_cert_file,
+            b.tls_key_file,
+        )?;
         let broker = BrokerConfig {
-            url: check.amqp_url("broker.url", b.url)?,
+            addresses,
+            tls,
             queue: check.name("broker.queue", b.queue, "flagshed.jobs")?,
             durable: b.durable.unwrap_or(true),
             queue_type: match b.queue_type.as_deref() {
@@ -661,7 +804,8 @@ impl Config {
             context_kind: check.name("flags.context_kind", f.context_kind, "service")?,
             context_key: match f.context_key.filter(|k| !k.is_empty()) {
                 Some(key) => key,
-                None => host_name(),
+                None if surroundings.host_name.is_empty() => "localhost".to_owned(),
+                None => surroundings.host_name.clone(),
             },
         };
         if flags.context_kind == "multi" || flags.context_kind == "kind" {
@@ -676,7 +820,7 @@ impl Config {
             sdk_key: l
                 .sdk_key
                 .filter(|k| !k.is_empty())
-                .or_else(sdk_key_from_environment),
+                .or_else(|| surroundings.sdk_key.clone()),
             stream: l.stream.unwrap_or(true),
             stream_uri: check.http_uri(
                 "launchdarkly.stream_uri",
@@ -733,6 +877,7 @@ impl Config {
             flags,
             launchdarkly,
             log,
+            surroundings: surroundings.clone(),
         })
     }
 }
@@ -749,16 +894,30 @@ pub const SDK_KEY_ENV: &str = "LAUNCHDARKLY_SDK_KEY";
 /// The systemd credential holding the SDK key.
 pub const SDK_KEY_CREDENTIAL: &str = "sdk-key";
 
-fn sdk_key_from_environment() -> Option<String> {
-    if let Some(key) = std::env::var(SDK_KEY_ENV)
-        .ok()
-        .filter(|k| !k.trim().is_empty())
-    {
-        return Some(key.trim().to_owned());
+/// The systemd credential holding the broker password, used for every broker URL that has
+/// no password of its own (`LoadCredential=broker-password:...`).
+pub const BROKER_PASSWORD_CREDENTIAL: &str = "broker-password";
+
+/// A parser message with any double-quoted text replaced: serde quotes the offending value
+/// ("invalid type: string \"...\""), which may be a secret.
+fn without_quoted_text(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
     }
-    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
-    let key = std::fs::read_to_string(Path::new(&dir).join(SDK_KEY_CREDENTIAL)).ok()?;
-    Some(key.trim().to_owned()).filter(|k| !k.is_empty())
+    out
 }
 
 /// The program of `handler.command` as an absolute path: as given if it holds a `/`, else
@@ -903,11 +1062,116 @@ impl Checker<'_> {
         Ok(value)
     }
 
-    fn amqp_url(&self, key: &'static str, value: Option<String>) -> Result<String, ConfigError> {
-        let value = value.unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-        crate::broker::BrokerAddress::parse(&value)
-            .map_err(|why| self.invalid(key, why.to_string()))?;
-        Ok(value)
+    /// `broker.url` (one node) or `broker.urls` (a cluster's members), not both.
+    fn broker_addresses(
+        &self,
+        url: Option<String>,
+        urls: Option<Vec<String>>,
+    ) -> Result<Vec<BrokerAddress>, ConfigError> {
+        let (key, urls) = match (url, urls) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "broker.urls",
+                    "set broker.url for one node or broker.urls for several, not both".into(),
+                ));
+            }
+            (Some(url), None) => ("broker.url", vec![url]),
+            (None, Some(urls)) if urls.is_empty() => {
+                return Err(self.invalid(
+                    "broker.urls",
+                    "expected at least one amqp:// or amqps:// URL".into(),
+                ));
+            }
+            (None, Some(urls)) => ("broker.urls", urls),
+            (None, None) => (
+                "broker.url",
+                vec!["amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()],
+            ),
+        };
+        urls.iter()
+            .enumerate()
+            .map(|(i, url)| {
+                BrokerAddress::parse(url).map_err(|why| {
+                    let which = if key == "broker.urls" {
+                        format!("URL number {}: ", i + 1)
+                    } else {
+                        String::new()
+                    };
+                    self.invalid(key, format!("{which}{why}"))
+                })
+            })
+            .collect()
+    }
+
+    /// `broker.tls_*`: only with an `amqps://` node; a client certificate with its key.
+    fn tls_files(
+        &self,
+        any_tls: bool,
+        ca_file: Option<PathBuf>,
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+    ) -> Result<TlsFiles, ConfigError> {
+        let nonempty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        let (ca_file, cert_file, key_file) =
+            (nonempty(ca_file), nonempty(cert_file), nonempty(key_file));
+        if !any_tls {
+            for (key, set) in [
+                ("broker.tls_ca_file", ca_file.is_some()),
+                ("broker.tls_cert_file", cert_file.is_some()),
+                ("broker.tls_key_file", key_file.is_some()),
+            ] {
+                if set {
+                    return Err(self.invalid(
+                        key,
+                        "is only used with amqps:// URLs; use amqps:// or remove it".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(ca) = &ca_file {
+            self.pem_file("broker.tls_ca_file", ca, "CERTIFICATE")?;
+        }
+        let client = match (cert_file, key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                self.pem_file("broker.tls_cert_file", &cert, "CERTIFICATE")?;
+                self.pem_file("broker.tls_key_file", &key, "PRIVATE KEY")?;
+                Some((cert, key))
+            }
+            (Some(_), None) => {
+                return Err(self.invalid(
+                    "broker.tls_key_file",
+                    "is needed with broker.tls_cert_file".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    "broker.tls_cert_file",
+                    "is needed with broker.tls_key_file".into(),
+                ));
+            }
+        };
+        Ok(TlsFiles { ca_file, client })
+    }
+
+    /// Checks that `path` is readable and holds a PEM block of `kind`; never quotes it.
+    fn pem_file(&self, key: &'static str, path: &Path, kind: &str) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| self.invalid(key, format!("cannot read {}: {e}", path.display())))?;
+        let found = text.lines().any(|l| {
+            let l = l.trim_end();
+            l == format!("-----BEGIN {kind}-----")
+                || (kind == "CERTIFICATE" && l == "-----BEGIN TRUSTED CERTIFICATE-----")
+        });
+        if !found {
+            let expected = if kind == "PRIVATE KEY" {
+                "a PEM PKCS#8 private key (-----BEGIN PRIVATE KEY-----; convert others with `openssl pkcs8 -topk8 -nocrypt`)"
+            } else {
+                "a PEM certificate (-----BEGIN CERTIFICATE-----)"
+            };
+            return Err(self.invalid(key, format!("{} is not {expected}", path.display())));
+        }
+        Ok(())
     }
 
     /// `[handler]`: the kind and what it needs, refusing keys that belong to another kind.

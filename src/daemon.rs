@@ -6,7 +6,7 @@
 
 use crate::broker::BrokerError;
 use crate::cli::{self, Command};
-use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind};
+use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind, Surroundings};
 use crate::flags::FlagValues;
 use crate::flags::source::{FlagSource, SourceSettings};
 use crate::handler::{ExecHandler, Handler, HttpHandler, SimulatedHandler};
@@ -118,7 +118,7 @@ fn main_with(role: Role, custom_handler: Option<Arc<dyn Handler>>) -> ExitCode {
             println!("{} {}", role.program(), env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match Config::load_in(&config, &Surroundings::read()) {
             Ok(_) => {
                 println!("{}: configuration OK", config.display());
                 ExitCode::SUCCESS
@@ -128,19 +128,20 @@ fn main_with(role: Role, custom_handler: Option<Arc<dyn Handler>>) -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => match Config::load(&config) {
+        Command::Run { config } => match Config::load_in(&config, &Surroundings::read()) {
             Err(e) => {
                 eprintln!("{}: {e}", role.program());
                 ExitCode::from(EXIT_CONFIG)
             }
             Ok(config) => {
-                logging::init(config.log.level);
+                logging::init(config.log.level, config.secrets());
                 match run(role, config, custom_handler) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         log::error!("{e}");
-                        ExitCode::from(match e {
+                        ExitCode::from(match &e {
                             DaemonError::Config(_) => EXIT_CONFIG,
+                            DaemonError::Broker(e) if e.is_refusal() => EXIT_CONFIG,
                             _ => 1,
                         })
                     }
@@ -190,6 +191,9 @@ fn run(
                 }
                 None => handler_for(&config.handler, config.worker.concurrency),
             };
+            if matches!(config.handler.kind, HandlerKind::Exec { .. }) {
+                keep_children_out_of_our_memory();
+            }
             worker::run(
                 config,
                 worker::WorkerEnv {
@@ -237,6 +241,19 @@ pub fn handler_for(config: &HandlerConfig, pool_threads: usize) -> Arc<dyn Handl
     }
 }
 
+/// Exec children run as the daemon's user, so they could read its memory and environment
+/// through `/proc/<pid>/` (the SDK key, the broker password). A process that is not dumpable
+/// keeps those files root's; it also writes no core dump.
+fn keep_children_out_of_our_memory() {
+    // SAFETY: PR_SET_DUMPABLE takes an integer and touches nothing of ours.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        log::warn!(
+            "cannot make the daemon undumpable ({}); exec handlers may read its memory",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The flag source's view of the config.
 pub fn source_settings(config: &Config, role: Role) -> SourceSettings {
     SourceSettings {
@@ -258,7 +275,7 @@ pub fn reload(
     notifier: &Notifier,
 ) -> Option<Config> {
     notifier.reloading();
-    let new = match Config::load(&current.path) {
+    let new = match Config::load_in(&current.path, &current.surroundings) {
         Ok(new) => new,
         Err(e) => {
             log::error!("reload refused, still running on the previous configuration: {e}");

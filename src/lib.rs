@@ -12,6 +12,7 @@ pub mod ack_window;
 pub mod audit;
 pub mod backoff;
 pub mod broker;
+pub mod broker_address;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -56,12 +56,16 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
         stopping: None,
         ready_sent: false,
         broker_down: None,
+        node: None,
         last_stats: (Instant::now(), 0),
     };
     let broker_config = queuer.config.broker.clone();
-    broker::supervise(&broker_config, "taskqueuer", &mut queuer);
+    let refused = broker::supervise(&broker_config, "taskqueuer", &mut queuer).err();
     log::info!("final role=queuer {}", queuer.ledger);
-    Ok(queuer.ledger)
+    match refused {
+        Some(e) => Err(DaemonError::Broker(e)),
+        None => Ok(queuer.ledger),
+    }
 }
 
 /// The publisher thread's state, across connections.
@@ -75,6 +79,8 @@ struct Queuer<'e, 'a> {
     stopping: Option<Instant>,
     ready_sent: bool,
     broker_down: Option<Instant>,
+    /// The node of the live connection (`host:port`), for the stats line.
+    node: Option<String>,
     last_stats: (Instant, u64),
     audit: Option<AuditLog>,
     /// With an audit trail: the sequence numbers of publishes awaiting a confirm, in publish
@@ -99,11 +105,12 @@ impl Supervised for Queuer<'_, '_> {
                 });
             match setup {
                 Ok(rx) => rx,
-                Err(e) => return SessionEnd::Lost(e.to_string()),
+                Err(e) => return SessionEnd::Failed(e),
             }
         } else {
             never()
         };
+        self.node = Some(session.node.clone());
         match self.broker_down.take() {
             Some(since) => log::info!(
                 "reconnected to RabbitMQ at {} after {} ms",
@@ -148,6 +155,7 @@ impl Supervised for Queuer<'_, '_> {
                 .status(&format!("broker unreachable: {reason}; reconnecting"));
             self.broker_down = Some(Instant::now());
         }
+        self.node = None;
     }
 
     fn stop_after_loss(&self) -> bool {
@@ -320,10 +328,9 @@ impl Queuer<'_, '_> {
         format!(
             "stats role=queuer {} published_per_sec={per_sec:.1} broker={} {}",
             self.ledger,
-            if self.broker_down.is_some() {
-                "down"
-            } else {
-                "up"
+            match &self.node {
+                Some(node) => format!("up broker_node={node}"),
+                None => "down broker_node=-".to_owned(),
             },
             daemon::flag_fields(&self.env.values)
         )

@@ -147,6 +147,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         cancelled: false,
         ready_sent: false,
         broker_down: None,
+        node: None,
         last_stats: (Instant::now(), WorkerLedger::default()),
         malformed_warnings: Throttle::default(),
         failure_warnings: Throttle::default(),
@@ -155,7 +156,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         retries: RetryCounts::new(RETRY_COUNTS_KEPT),
     };
     let broker_config = worker.config.broker.clone();
-    broker::supervise(&broker_config, "taskworker", &mut worker);
+    let refused = broker::supervise(&broker_config, "taskworker", &mut worker).err();
 
     let Worker {
         ledger,
@@ -181,7 +182,10 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ledger.received == ledger.settled() + ledger.returned + abandoned
     ));
     log::info!("{line}");
-    Ok(ledger)
+    match refused {
+        Some(e) => Err(DaemonError::Broker(e)),
+        None => Ok(ledger),
+    }
 }
 
 fn start_pool(
@@ -314,6 +318,8 @@ struct Worker<'e, 'a> {
     ready_sent: bool,
     /// Since when, and why, the broker is unreachable.
     broker_down: Option<(Instant, String)>,
+    /// The node of the live connection (`host:port`), for the stats line.
+    node: Option<String>,
     last_stats: (Instant, WorkerLedger),
     malformed_warnings: Throttle,
     failure_warnings: Throttle,
@@ -338,11 +344,12 @@ impl Supervised for Worker<'_, '_> {
             });
         let consumer = match setup {
             Ok(consumer) => consumer,
-            Err(e) => return SessionEnd::Lost(e.to_string()),
+            Err(e) => return SessionEnd::Failed(e),
         };
         self.generation += 1;
         self.cancelled = false;
         self.window = AckWindow::new(usize::from(self.config.worker.prefetch));
+        self.node = Some(session.node.clone());
         match self.broker_down.take() {
             Some((since, _)) => log::info!(
                 "reconnected to RabbitMQ at {} after {} ms; consuming from {:?}",
@@ -389,6 +396,7 @@ impl Supervised for Worker<'_, '_> {
                 .status(&format!("broker unreachable: {reason}; reconnecting"));
             self.broker_down = Some((Instant::now(), reason.to_owned()));
         }
+        self.node = None;
     }
 
     /// Stopping anyway: the broker has the unsettled jobs back.
@@ -745,10 +753,9 @@ impl Worker<'_, '_> {
         self.ledger.write_fields(&mut line);
         line.push_str(&format!(
             " done_per_sec={done_per_sec:.1} broker={} {}",
-            if self.broker_down.is_some() {
-                "down"
-            } else {
-                "up"
+            match &self.node {
+                Some(node) => format!("up broker_node={node}"),
+                None => "down broker_node=-".to_owned(),
             },
             daemon::flag_fields(&self.env.values)
         ));

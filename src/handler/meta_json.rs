@@ -139,7 +139,10 @@ mod tests {
     #[test]
     fn huge_headers_are_left_out_so_the_variable_fits() {
         let mut headers = FieldTable::new();
-        headers.insert("x-big".into(), AmqpValue::LongString("\u{1}".repeat(60_000)));
+        headers.insert(
+            "x-big".into(),
+            AmqpValue::LongString("\u{1}".repeat(60_000)),
+        );
         let properties = AmqpProperties::default().with_headers(headers);
         let job = Job {
             id: None,

@@ -257,3 +257,59 @@ pub fn close_connections_matching(needle: &str) -> usize {
     }
     closed
 }
+
+/// Runs `rabbitmqctl ARGS` against the default node; panics with its output on failure.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be installed for this test (it comes with rabbitmq-server)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A RabbitMQ user made for one test, deleted when dropped.
+pub struct TestUser {
+    pub name: String,
+}
+
+impl TestUser {
+    /// Creates `name` with `password` and the given configure, write and read permission
+    /// patterns on vhost `/` (`".*"` for all, `"^$"` for none).
+    pub fn create(what: &str, password: &str, permissions: [&str; 3]) -> TestUser {
+        let name = unique_name(what);
+        rabbitmqctl(&["-q", "add_user", &name, password]);
+        rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            "/",
+            &name,
+            permissions[0],
+            permissions[1],
+            permissions[2],
+        ]);
+        TestUser { name }
+    }
+
+    /// An `amqp://` URL for this user on the test broker, with `password` (or none).
+    pub fn url(&self, password: Option<&str>, vhost: &str) -> String {
+        match password {
+            Some(password) => format!("amqp://{}:{password}@127.0.0.1:5672/{vhost}", self.name),
+            None => format!("amqp://{}@127.0.0.1:5672/{vhost}", self.name),
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.name])
+            .output();
+    }
+}

@@ -127,6 +127,14 @@ impl Bin {
     }
 }
 
+/// The secrets tests give daemons (SDK keys, broker passwords): none may ever be logged.
+pub const TEST_SECRETS: &[&str] = &[
+    "sdk-test-secret-never-in-a-child",
+    "sdk-test-key-never-logged",
+    "pw-Zq81-never-logged",
+    "pw-Cred-77-never-logged",
+];
+
 /// A running daemon whose stderr is collected line by line.
 pub struct Daemon {
     child: Child,
@@ -283,6 +291,7 @@ impl Daemon {
                 // Let the reader thread collect the last lines.
                 let _ = self.new_line.recv_timeout(Duration::from_millis(200));
                 while self.new_line.try_recv().is_ok() {}
+                self.assert_no_test_secret();
                 return status;
             }
             if Instant::now() >= end {
@@ -292,6 +301,18 @@ impl Daemon {
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every daemon the suite runs is checked when it exits: none of the tests' secrets may
+    /// appear in anything it logged, at any level.
+    pub fn assert_no_test_secret(&self) {
+        let log = self.log();
+        for secret in TEST_SECRETS {
+            assert!(
+                !log.contains(secret),
+                "a secret reached the log: {secret:?}\n{log}"
+            );
         }
     }
 
