@@ -39,7 +39,7 @@ fn wrong_credentials_stop_both_daemons_with_ex_config() {
     for bin in [Bin::Worker, Bin::Queuer] {
         let log = refused(bin, &url, "the user name or password is wrong");
         assert_eq!(
-            log.lines().filter(|l| l.contains("refused")).count(),
+            log.lines().filter(|l| l.contains("refused:")).count(),
             1,
             "one line, no retries: {log}"
         );
