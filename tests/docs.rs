@@ -137,12 +137,32 @@ fn documented_keys() -> BTreeMap<Key, DocumentedKey> {
     keys
 }
 
-/// etc/flagshed.toml as TOML values, by (section, key).
+/// etc/flagshed.toml as TOML values, by (section, key). A key that cannot be set with its
+/// default (`handler.command` must name a program; `broker.urls` replaces `broker.url`) is
+/// shown commented out as `#key = value` in its section, and counts as shown with that value.
 fn example_config_values() -> BTreeMap<Key, toml::Value> {
-    let table: toml::Table = read("etc/flagshed.toml")
-        .parse()
-        .expect("etc/flagshed.toml is TOML");
+    let text = read("etc/flagshed.toml");
+    let table: toml::Table = text.parse().expect("etc/flagshed.toml is TOML");
     let mut values = BTreeMap::new();
+    let mut section = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.to_owned());
+            continue;
+        }
+        let (Some(section), Some(commented)) = (&section, line.strip_prefix('#')) else {
+            continue;
+        };
+        let Some((key, _)) = commented.split_once(" = ") else {
+            continue;
+        };
+        let is_key = !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        if let (true, Ok(mut parsed)) = (is_key, commented.parse::<toml::Table>()) {
+            if let Some(value) = parsed.remove(key) {
+                values.insert((section.clone(), key.to_owned()), value);
+            }
+        }
+    }
     for (section, body) in table {
         let toml::Value::Table(body) = body else {
             panic!("etc/flagshed.toml: top-level key {section:?} is not a section");
@@ -233,7 +253,8 @@ fn man_page_defaults_and_types_match_the_example_config() {
             .parse::<toml::Table>()
             .ok()
             .and_then(|mut t| t.remove("v"));
-        if shown.as_ref() != Some(value) {
+        // "(none)": no default; the example shows a value of the right type.
+        if documented.default != "(none)" && shown.as_ref() != Some(value) {
             wrong.push(format!(
                 "{name}: man page default {} but etc/flagshed.toml has {value}",
                 documented.default
@@ -244,6 +265,12 @@ fn man_page_defaults_and_types_match_the_example_config() {
             "integer" => value.is_integer(),
             "number" => value.is_float() || value.is_integer(),
             "boolean" => value.is_bool(),
+            "array of strings" => value
+                .as_array()
+                .is_some_and(|items| items.iter().all(toml::Value::is_str)),
+            "table of strings" => value
+                .as_table()
+                .is_some_and(|t| t.values().all(toml::Value::is_str)),
             _ => false,
         };
         if !type_fits {
@@ -281,6 +308,11 @@ fn example_config_values_are_the_code_defaults() {
             "worker",
             format!("{:?}", example.worker),
             format!("{:?}", defaults.worker),
+        ),
+        (
+            "handler",
+            format!("{:?}", example.handler),
+            format!("{:?}", defaults.handler),
         ),
         (
             "queuer",
