@@ -97,9 +97,9 @@ impl BrokerError {
             detail: source.to_string(),
         };
         let refusal = match &source {
-            amiquip::Error::InvalidCredentials => Some(refused(
-                "the user name or password is wrong".into(),
-            )),
+            amiquip::Error::InvalidCredentials => {
+                Some(refused("the user name or password is wrong".into()))
+            }
             amiquip::Error::ServerClosedConnection { code, .. }
                 if *code == NOT_ALLOWED || *code == ACCESS_REFUSED =>
             {

@@ -148,6 +148,7 @@ struct RawHandler {
     kill_grace_ms: Option<u64>,
     output_limit_bytes: Option<u64>,
     max_retries: Option<u64>,
+    retry_delay_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
 }
 
@@ -394,6 +395,8 @@ pub struct HandlerConfig {
     pub output_limit_bytes: usize,
     /// Times a job may ask to be retried before it ends `failed`.
     pub max_retries: u32,
+    /// How long a job that asked to be retried is held before it goes back to the queue.
+    pub retry_delay: Duration,
 }
 
 /// Which handler, with what it needs.
@@ -1275,6 +1278,12 @@ impl Checker<'_> {
                 0..=16 * 1024 * 1024,
             )? as usize,
             max_retries: self.range("handler.max_retries", h.max_retries, 5, 0..=1_000)? as u32,
+            retry_delay: Duration::from_millis(self.range(
+                "handler.retry_delay_ms",
+                h.retry_delay_ms,
+                1_000,
+                0..=600_000,
+            )?),
         })
     }
 

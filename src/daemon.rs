@@ -294,13 +294,9 @@ pub fn reload(
 /// with one warning per setting that was changed in the file.
 fn keep_restart_only_settings(current: &Config, mut new: Config) -> Config {
     macro_rules! keep {
-        ($($section:ident . $key:ident),* $(,)?) => {$(
+        ($($name:literal => $section:ident . $key:ident),* $(,)?) => {$(
             if new.$section.$key != current.$section.$key {
-                log::warn!(
-                    "{}.{} changed; it takes effect at the next restart",
-                    stringify!($section),
-                    stringify!($key)
-                );
+                log::warn!("{} changed; it takes effect at the next restart", $name);
                 new.$section.$key = current.$section.$key.clone();
             }
         )*};
@@ -314,15 +310,15 @@ fn keep_restart_only_settings(current: &Config, mut new: Config) -> Config {
         new.launchdarkly = current.launchdarkly.clone();
     }
     keep!(
-        worker.concurrency,
-        worker.prefetch,
-        worker.ledger_file,
-        worker.max_job_types,
-        handler.kind,
-        handler.kill_grace,
-        handler.output_limit_bytes,
-        queuer.confirms,
-        queuer.ledger_file,
+        "worker.concurrency" => worker.concurrency,
+        "worker.prefetch" => worker.prefetch,
+        "worker.ledger_file" => worker.ledger_file,
+        "worker.max_job_types" => worker.max_job_types,
+        "handler.kind, command, env, url or connect_timeout_ms" => handler.kind,
+        "handler.kill_grace_ms" => handler.kill_grace,
+        "handler.output_limit_bytes" => handler.output_limit_bytes,
+        "queuer.confirms" => queuer.confirms,
+        "queuer.ledger_file" => queuer.ledger_file,
     );
     new
 }

@@ -35,6 +35,7 @@ use crate::signals::Signal;
 use crate::throttle::Throttle;
 use amiquip::{AmqpProperties, AmqpValue, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,7 +68,9 @@ struct Task {
 struct Completion {
     generation: u64,
     tag: u64,
-    id_hash: u64,
+    /// What identifies the job across redeliveries, for counting its retries: its id's hash,
+    /// or for a job without a `message_id`, a hash of its body.
+    retry_key: u64,
     slot: TypeSlot,
     outcome: Outcome,
     /// Handler time spent, for the late-work counter.
@@ -89,6 +92,7 @@ struct Policy {
     shed_action: ShedAction,
     enforce_deadline: bool,
     max_retries: u32,
+    retry_delay: Duration,
 }
 
 impl Policy {
@@ -102,6 +106,7 @@ impl Policy {
             shed_action: config.worker.shed_action,
             enforce_deadline: config.handler.enforce_deadline,
             max_retries: config.handler.max_retries,
+            retry_delay: config.handler.retry_delay,
         }
     }
 }
@@ -154,6 +159,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         audit,
         estimates,
         retries: RetryCounts::new(RETRY_COUNTS_KEPT),
+        retry_later: VecDeque::new(),
     };
     let broker_config = worker.config.broker.clone();
     let refused = broker::supervise(&broker_config, "taskworker", &mut worker).err();
@@ -226,7 +232,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
     let mut completion = Completion {
         generation: task.generation,
         tag: task.tag,
-        id_hash: task.meta.id_hash,
+        retry_key: task.meta.id_hash,
         slot: task.slot,
         outcome: Outcome::Done,
         worked_ms: 0,
@@ -271,6 +277,11 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
                 Err(HandlerError::TimedOut) => Outcome::TimedOut,
                 Err(e @ HandlerError::Retry(_)) => {
                     completion.failure = Some(e);
+                    if task.properties.message_id().is_none() {
+                        // The fallback id hash comes from the delivery tag, which changes
+                        // with every redelivery.
+                        completion.retry_key = job::hash_id(&task.body);
+                    }
                     Outcome::Retried
                 }
                 Err(e @ HandlerError::Failed(_)) => {
@@ -327,6 +338,9 @@ struct Worker<'e, 'a> {
     /// What has been learned of work times, per job type.
     estimates: WorkEstimates,
     retries: RetryCounts,
+    /// Jobs to hand back to the queue once their retry delay is over, by delivery tag, in
+    /// the order they are due.
+    retry_later: VecDeque<(Instant, u64)>,
 }
 
 impl Supervised for Worker<'_, '_> {
@@ -378,8 +392,9 @@ impl Supervised for Worker<'_, '_> {
     fn session_lost(&mut self, reason: &str) {
         let unstarted = std::iter::from_fn(|| self.task_rx.try_recv().ok()).count() as u64;
         let (unsent, held_undecided) = self.window.abandon();
-        let running = held_undecided as u64 - unstarted;
-        self.ledger.returned += unsent as u64 + unstarted;
+        let delayed = self.retry_later.drain(..).count() as u64;
+        let running = held_undecided as u64 - unstarted - delayed;
+        self.ledger.returned += unsent as u64 + unstarted + delayed;
         self.stale_running += running;
         self.flush_at = None;
         if self.broker_down.is_none() {
@@ -432,6 +447,10 @@ impl Worker<'_, '_> {
             };
             let grace_end = self.draining.map_or_else(never, crossbeam_channel::at);
             let flush_timer = self.flush_at.map_or_else(never, crossbeam_channel::at);
+            let retry_due = self
+                .retry_later
+                .front()
+                .map_or_else(never, |&(at, _)| crossbeam_channel::at(at));
             // A reload may replace the stats ticker, so it is taken afresh each time round.
             let stats = self.stats.clone();
             select! {
@@ -477,6 +496,7 @@ impl Worker<'_, '_> {
                     return self.stop_now(consumer, "drain grace period over");
                 },
                 recv(flush_timer) -> _ => {}
+                recv(retry_due) -> _ => self.hand_back_due_retries(false),
                 recv(retry) -> _ => return SessionEnd::Retry,
             }
             if let Some(consumer) = consumer {
@@ -602,14 +622,14 @@ impl Worker<'_, '_> {
                 .window
                 .get(completion.tag)
                 .map_or(0, |d| delivery_count(&d.properties));
-            let retries = self.retries.bump(completion.id_hash, earlier);
+            let retries = self.retries.bump(completion.retry_key, earlier);
             if retries > self.policy.max_retries {
                 outcome = Outcome::Failed;
                 gave_up = Some(retries - 1);
             }
         }
         if outcome != Outcome::Retried {
-            self.retries.forget(completion.id_hash);
+            self.retries.forget(completion.retry_key);
         }
         if let Some(why) = &completion.failure {
             let window = &self.window;
@@ -624,6 +644,13 @@ impl Worker<'_, '_> {
                     None => format!("job {id:?} failed: {why}"),
                 }
             });
+        }
+        if outcome == Outcome::Retried && !self.policy.retry_delay.is_zero() {
+            // Held back, so the job is not handed straight back to a worker (and a service
+            // that said 429 is not asked again at once); its prefetch slot stays taken.
+            self.retry_later
+                .push_back((Instant::now() + self.policy.retry_delay, completion.tag));
+            return;
         }
         if !self.window.decide(completion.tag, outcome) {
             // Only possible if a tag were decided twice: a bug, never input.
@@ -720,10 +747,23 @@ impl Worker<'_, '_> {
         consumer
             .cancel()
             .map_err(|e| format!("cancelling the consumer: {e}"))?;
+        self.hand_back_due_retries(true);
         while let Ok(task) = self.task_rx.try_recv() {
             self.window.decide(task.tag, Outcome::Requeued);
         }
         self.flush(consumer)
+    }
+
+    /// Decides the jobs whose retry delay is over (or all of them) as `retried`.
+    fn hand_back_due_retries(&mut self, all: bool) {
+        let now = Instant::now();
+        while let Some(&(at, tag)) = self.retry_later.front() {
+            if !all && at > now {
+                break;
+            }
+            self.retry_later.pop_front();
+            self.window.decide(tag, Outcome::Retried);
+        }
     }
 
     fn reload(&mut self) {

@@ -69,6 +69,7 @@ esac"#,
     let audit = dir.path().join("audit");
     let config = exec_config(&queue, &[exit_with.to_str().expect("utf-8 path")])
         .set("handler", "max_retries", "2")
+        .set("handler", "retry_delay_ms", "300")
         .set(
             "worker",
             "ledger_file",
@@ -84,25 +85,44 @@ esac"#,
     ] {
         broker.publish_properties(&queue, job(id), body.as_bytes());
     }
-    // "later" runs three times: two retries, then it fails.
-    worker.wait_settled(6);
+    // Without an id, its retries are counted by its body.
+    broker.publish_properties(&queue, AmqpProperties::default(), b"75");
+    // "later" and the job without an id run three times each: two retries, then they fail.
+    worker.wait_settled(9);
     let ledger = worker.stop();
     ledger.assert_balanced();
-    assert_eq!(ledger.get("received"), 6, "{ledger:?}");
+    assert_eq!(ledger.get("received"), 9, "{ledger:?}");
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
-    assert_eq!(ledger.get("retried"), 2, "{ledger:?}");
-    assert_eq!(ledger.get("failed"), 3, "{ledger:?}");
+    assert_eq!(ledger.get("retried"), 4, "{ledger:?}");
+    assert_eq!(ledger.get("failed"), 4, "{ledger:?}");
     assert_eq!(broker.ready_count(&queue), 0, "every job settled");
     let trail = std::fs::read_to_string(&audit).expect("audit trail");
-    let mut states: Vec<(String, String)> = trail
+    let records: Vec<(u64, String, String)> = trail
         .lines()
         .filter_map(|l| {
-            let mut fields = l.split(' ').skip(1);
-            Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+            let mut fields = l.split(' ');
+            let at = fields.next()?.parse().ok()?;
+            Some((at, fields.next()?.to_owned(), fields.next()?.to_owned()))
         })
+        .collect();
+    // A retried job goes back to the queue (its line is written) only after the retry delay
+    // that follows each run.
+    let later: Vec<u64> = records
+        .iter()
+        .filter(|(_, id, state)| id == "later" && state == "retried")
+        .map(|(at, _, _)| *at)
+        .collect();
+    assert_eq!(later.len(), 2, "{trail}");
+    assert!(later.windows(2).all(|w| w[1] >= w[0] + 300), "{trail}");
+    let mut states: Vec<(String, String)> = records
+        .into_iter()
+        .map(|(_, id, state)| (id, state))
         .collect();
     states.sort();
     let expected = [
+        ("-", "failed"),
+        ("-", "retried"),
+        ("-", "retried"),
         ("bad", "failed"),
         ("killed", "failed"),
         ("later", "failed"),
