@@ -13,6 +13,25 @@ use std::time::{Duration, Instant};
 /// stalls, and a test that waits this long has failed anyway.
 pub const STATS_WAIT: Duration = Duration::from_secs(90);
 
+/// An exclusive lock on a file, held across test processes until dropped (flock(2)).
+pub struct FileLock(std::fs::File);
+
+impl FileLock {
+    pub fn take(path: &str) -> FileLock {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open lock file {path}: {e}"));
+        // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {path}: {}", std::io::Error::last_os_error());
+        FileLock(file)
+    }
+}
+
 /// A directory removed when the test ends.
 pub struct TempDir(PathBuf);
 
