@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 const ACCESS_REFUSED: u16 = 403;
 const NOT_ALLOWED: u16 = 530;
 const PRECONDITION_FAILED: u16 = 406;
-const NOT_FOUND: u16 = 404;
 
 /// Why the broker could not be used. Each variant says which step failed and where.
 #[derive(Debug)]
@@ -69,10 +68,7 @@ impl fmt::Display for BrokerError {
                 reason,
                 detail,
             } => {
-                write!(
-                    f,
-                    "RabbitMQ at {endpoint} refused: {reason} ({detail}); retrying cannot help, so stopping"
-                )
+                write!(f, "RabbitMQ at {endpoint} refused: {reason} ({detail})")
             }
             BrokerError::Amqp {
                 endpoint,
@@ -115,9 +111,6 @@ impl BrokerError {
                     "{step}: the queue exists with other arguments than [broker] asks for"
                 )))
             }
-            amiquip::Error::ServerClosedChannel { code, .. } if *code == NOT_FOUND => {
-                Some(refused(format!("{step}: not found")))
-            }
             _ => None,
         };
         if let Some(refusal) = refusal {
@@ -147,7 +140,9 @@ fn tls_reason(e: &native_tls::Error) -> String {
     let text = e.to_string();
     let hint = if text.contains("certificate has expired") {
         "the broker's certificate has expired"
-    } else if text.contains("Hostname mismatch") || text.contains("hostname mismatch") {
+    } else if text.contains("certificate is not yet valid") {
+        "the broker's certificate is not valid yet (is this host's clock right?)"
+    } else if text.contains("ostname mismatch") || text.contains("IP address mismatch") {
         "the broker's certificate does not name this host (use the name the certificate has in the URL)"
     } else if text.contains("unable to get local issuer certificate")
         || text.contains("self-signed certificate")
@@ -250,9 +245,16 @@ impl NodeRotation {
     }
 }
 
-/// Runs `daemon` on one connection after another, moving through the nodes and backing off
-/// ([`reconnect_backoff`]) once each has been tried, until it stops. Returns the refusal that
-/// ended it, if one did: the caller exits with EX_CONFIG.
+/// A connection that lasted this long was healthy: when it is lost, the next node is tried at
+/// once instead of after a backoff delay.
+const HEALTHY_SESSION: Duration = Duration::from_secs(5);
+
+/// Runs `daemon` on one connection after another until it stops. When a healthy connection
+/// is lost, the next node is tried at once; otherwise each round over the nodes is followed
+/// by a [`reconnect_backoff`] delay. A refusal stops the daemon only when the next attempt
+/// is refused too: amiquip reports any failure during the login step as bad credentials, so
+/// a connection cut at that moment must not pass for a wrong password. Returns the refusal
+/// that ended it, if one did: the caller exits with EX_CONFIG.
 pub fn supervise(
     config: &BrokerConfig,
     program: &str,
@@ -260,28 +262,35 @@ pub fn supervise(
 ) -> Result<(), BrokerError> {
     let mut backoff = reconnect_backoff();
     let mut nodes = NodeRotation::shuffled(config.addresses.len());
+    let mut refused_before = false;
     loop {
         let connected_at = Instant::now();
+        let mut healthy = false;
         let end = match connect_any(config, program, &mut nodes) {
             Ok(session) => {
                 let end = daemon.use_session(&session);
                 session.close();
+                healthy = connected_at.elapsed() >= HEALTHY_SESSION;
                 backoff.connection_ended(connected_at.elapsed());
                 end
             }
             Err(e) => SessionEnd::Failed(e),
         };
-        let reason = match end {
+        let (reason, refusal) = match end {
             SessionEnd::Stop => return Ok(()),
             SessionEnd::Retry => continue,
             // Nothing is held: refusals come while connecting or setting up a session.
-            SessionEnd::Failed(e) if e.is_refusal() => return Err(e),
-            SessionEnd::Failed(e) => e.to_string(),
-            SessionEnd::Lost(reason) => reason,
+            SessionEnd::Failed(e) if e.is_refusal() && refused_before => return Err(e),
+            SessionEnd::Failed(e) => (e.to_string(), e.is_refusal()),
+            SessionEnd::Lost(reason) => (reason, false),
         };
+        refused_before = refusal;
         daemon.session_lost(&reason);
         if daemon.stop_after_loss() {
             return Ok(());
+        }
+        if healthy {
+            continue;
         }
         let retry_at = Instant::now() + backoff.next_delay();
         if let SessionEnd::Stop = daemon.wait_to_reconnect(retry_at) {

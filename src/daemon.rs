@@ -96,7 +96,8 @@ pub fn main(role: Role) -> ExitCode {
 
 /// The whole taskworker daemon (arguments, config, signals, flags, systemd, drain) around a
 /// handler of your own: the `main` of a worker binary whose jobs are Rust code. The config's
-/// `[handler]` section is then not used, except for `enforce_deadline` and `max_retries`.
+/// `[handler]` section is then not used, except for `enforce_deadline`, `max_retries` and
+/// `retry_delay_ms`.
 pub fn run_worker_with(handler: Arc<dyn Handler>) -> ExitCode {
     main_with(Role::Worker, Some(handler))
 }
@@ -137,11 +138,14 @@ fn main_with(role: Role, custom_handler: Option<Arc<dyn Handler>>) -> ExitCode {
                 logging::init(config.log.level, config.secrets());
                 match run(role, config, custom_handler) {
                     Ok(()) => ExitCode::SUCCESS,
+                    Err(DaemonError::Broker(e)) if e.is_refusal() => {
+                        log::error!("{e}; it refused twice, retrying cannot help: stopping");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
                     Err(e) => {
                         log::error!("{e}");
                         ExitCode::from(match &e {
                             DaemonError::Config(_) => EXIT_CONFIG,
-                            DaemonError::Broker(e) if e.is_refusal() => EXIT_CONFIG,
                             _ => 1,
                         })
                     }

@@ -38,10 +38,16 @@ fn wrong_credentials_stop_both_daemons_with_ex_config() {
     let url = user.url(Some("not-the-password"), "%2f");
     for bin in [Bin::Worker, Bin::Queuer] {
         let log = refused(bin, &url, "the user name or password is wrong");
+        // Once more to be sure (a login cut short reads as bad credentials), then stop.
         assert_eq!(
             log.lines().filter(|l| l.contains("refused:")).count(),
+            2,
+            "{log}"
+        );
+        assert_eq!(
+            log.lines().filter(|l| l.contains("retrying cannot help")).count(),
             1,
-            "one line, no retries: {log}"
+            "{log}"
         );
     }
 }
