@@ -4,7 +4,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all release broker demo test chaos lint clean
+.PHONY: all release broker tools demo test chaos cluster-chaos lint clean
 
 all: release
 
@@ -14,11 +14,16 @@ release:
 broker:
 	scripts/ensure-rabbitmq
 
+# openssl, nft and amqp-consume, which the TLS, cluster and handler tests and benches use.
+tools:
+	scripts/ensure-test-tools
+
 demo: broker release
 	./target/release/examples/demo
 
-# The test command README.md gives and CI runs. Integration tests talk to the real broker.
-test: broker
+# The test command README.md gives and CI runs. Integration tests talk to the real broker;
+# the TLS tests start a second local node with a TLS listener (scripts/rabbitmq-tls-node).
+test: broker tools
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --release --locked --no-fail-fast
 else
@@ -29,6 +34,12 @@ endif
 # scenario at a time: it restarts the broker, so it never runs alongside other tests.
 chaos: broker
 	$(CARGO) test --release --locked --test chaos -- --ignored --test-threads=1 --nocapture
+
+# A three-node RabbitMQ cluster beside the default broker (scripts/rabbitmq-cluster): a node is
+# killed, then cut off the network, under load; every confirmed job is audited. One at a time.
+cluster-chaos: broker tools
+	$(CARGO) test --release --locked --test cluster -- --ignored --test-threads=1 --nocapture
+	scripts/rabbitmq-cluster stop
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -22,9 +22,10 @@ use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
 use support::fake_ld::{FakeLd, number_flag};
 
 const WAIT: Duration = Duration::from_secs(90);
-const FINAL_STATES: [&str; 7] = [
+const FINAL_STATES: [&str; 8] = [
     "done",
     "late",
+    "timed_out",
     "failed",
     "skipped",
     "expired",

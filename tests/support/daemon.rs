@@ -90,6 +90,14 @@ impl TestConfig {
         self
     }
 
+    /// Removes `[section] key`, leaving the daemon's default.
+    pub fn without(mut self, section: &str, key: &str) -> TestConfig {
+        if let Some(entries) = self.sections.get_mut(section) {
+            entries.retain(|(k, _)| k != key);
+        }
+        self
+    }
+
     /// Writes `json` as the flag file `flags.json` in `dir` and points `flags.file` at it; a
     /// test changes the flags later by writing that file again.
     pub fn flag_file(self, dir: &TempDir, json: &str) -> TestConfig {
