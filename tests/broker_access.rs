@@ -45,7 +45,9 @@ fn wrong_credentials_stop_both_daemons_with_ex_config() {
             "{log}"
         );
         assert_eq!(
-            log.lines().filter(|l| l.contains("retrying cannot help")).count(),
+            log.lines()
+                .filter(|l| l.contains("retrying cannot help"))
+                .count(),
             1,
             "{log}"
         );
