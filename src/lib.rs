@@ -24,6 +24,7 @@ pub mod job;
 pub mod launchdarkly;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod queuer;
 pub mod retries;

@@ -41,6 +41,14 @@ pub struct EstimateSettings {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TypeSlot(usize);
 
+impl TypeSlot {
+    /// The slot's number: types are numbered from 0 in the order first seen, and stay below
+    /// `max_types + 1` (the last being `(other)`), so metrics can keep a counter per slot.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// Per-type work-time estimates, bounded in number.
 #[derive(Debug)]
 pub struct WorkEstimates {
@@ -115,6 +123,19 @@ impl WorkEstimates {
     pub fn observe(&mut self, slot: TypeSlot, ms: u64) {
         let settings = self.settings;
         self.estimators[slot.0].observe(ms, &settings);
+    }
+
+    /// Slots learned so far.
+    pub fn type_count(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Each slot's type, as the stats line shows it, and its budget in ms, by slot number.
+    pub fn budgets(&self, default_ms: u64) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.names
+            .iter()
+            .enumerate()
+            .map(move |(i, name)| (name.as_str(), self.budget_ms(TypeSlot(i), default_ms)))
     }
 
     /// Appends ` work_estimate_ms=type:ms,...` (types in the order first seen); nothing before
