@@ -10,6 +10,7 @@ pub use crate::handler::estimate::EstimateSettings;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -99,6 +100,8 @@ pub struct RawConfig {
     launchdarkly: RawLaunchDarkly,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +201,13 @@ struct RawLog {
     stats_interval_ms: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    worker_listen: Option<String>,
+    queuer_listen: Option<String>,
+}
+
 /// The validated configuration shared by both daemons; each reads the sections it needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -210,6 +220,7 @@ pub struct Config {
     pub flags: FlagsConfig,
     pub launchdarkly: LaunchDarklyConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// What the process's surroundings gave at startup; a reload uses the same.
     pub surroundings: Surroundings,
 }
@@ -539,6 +550,14 @@ impl fmt::Debug for LaunchDarklyConfig {
 pub struct LogConfig {
     pub level: log::LevelFilter,
     pub stats_interval: Duration,
+}
+
+/// Where each daemon serves `GET /metrics`. Separate keys, since both daemons read this one
+/// file and would otherwise ask for one port; `None` (the default) serves nothing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricsConfig {
+    pub worker_listen: Option<SocketAddr>,
+    pub queuer_listen: Option<SocketAddr>,
 }
 
 /// LaunchDarkly enforces this floor on polling; asking for less only gets throttled.
@@ -871,6 +890,22 @@ impl Config {
             )?),
         };
 
+        let m = raw.metrics;
+        let metrics = MetricsConfig {
+            worker_listen: check.listen_address("metrics.worker_listen", m.worker_listen)?,
+            queuer_listen: check.listen_address("metrics.queuer_listen", m.queuer_listen)?,
+        };
+        if let (Some(worker), Some(queuer)) = (metrics.worker_listen, metrics.queuer_listen) {
+            if worker == queuer && worker.port() != 0 {
+                return Err(check.invalid(
+                    "metrics.queuer_listen",
+                    format!(
+                        "{queuer} is metrics.worker_listen too; the two daemons need an address each"
+                    ),
+                ));
+            }
+        }
+
         Ok(Config {
             path: path.to_owned(),
             broker,
@@ -880,6 +915,7 @@ impl Config {
             flags,
             launchdarkly,
             log,
+            metrics,
             surroundings: surroundings.clone(),
         })
     }
@@ -1326,6 +1362,26 @@ impl Checker<'_> {
         Ok(env)
     }
 
+    /// A socket address to listen on (`"127.0.0.1:9464"`, `"[::1]:9464"`); absent or `""`
+    /// is none. Port 0 lets the kernel pick one, which the daemon logs.
+    fn listen_address(
+        &self,
+        key: &'static str,
+        value: Option<String>,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        match value.as_deref() {
+            None | Some("") => Ok(None),
+            Some(text) => text.parse().map(Some).map_err(|_| {
+                self.invalid(
+                    key,
+                    format!(
+                        "expected an IP address and port such as \"127.0.0.1:9464\" or \"[::1]:9464\", or \"\" for none; got {text:?}"
+                    ),
+                )
+            }),
+        }
+    }
+
     fn http_uri(
         &self,
         key: &'static str,
@@ -1419,6 +1475,34 @@ mod tests {
         let config = parse("[launchdarkly]\nsdk_key = \"sdk-secret-123\"\n").unwrap();
         let shown = format!("{config:?}");
         assert!(!shown.contains("sdk-secret-123"), "{shown}");
+    }
+
+    #[test]
+    fn metrics_addresses_are_off_by_default_and_checked() {
+        let config = parse("").unwrap();
+        assert_eq!(config.metrics, MetricsConfig::default());
+        let config = parse(
+            "[metrics]\nworker_listen = \"127.0.0.1:9464\"\nqueuer_listen = \"[::1]:9465\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.metrics.worker_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(
+            config.metrics.queuer_listen,
+            Some("[::1]:9465".parse().unwrap())
+        );
+        let err = parse("[metrics]\nworker_listen = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics.worker_listen"), "{err}");
+        let err = parse(
+            "[metrics]\nworker_listen = \"127.0.0.1:9464\"\nqueuer_listen = \"127.0.0.1:9464\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("metrics.queuer_listen"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What both daemons share around their run loops: startup (arguments, config, logging,
-//! signals, flag source), reload, exit codes, and the flag fields of the stats line.
+//! signals, the metrics endpoint, flag source), reload, exit codes, and the flag fields of the
+//! stats line.
 //!
 //! `main` in each binary is one call to [`main`], which turns every failure into a message and
 //! an exit code in one place: 0 clean stop, 78 (EX_CONFIG) bad configuration, 1 anything else.
@@ -10,9 +11,11 @@ use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind, Surrounding
 use crate::flags::FlagValues;
 use crate::flags::source::{FlagSource, SourceSettings};
 use crate::handler::{ExecHandler, Handler, HttpHandler, SimulatedHandler};
+use crate::metrics::{MetricsServer, QueuerMetrics, Scrape, WorkerMetrics};
 use crate::notify::Notifier;
 use crate::{logging, queuer, signals, worker};
 use std::fmt;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -174,6 +177,32 @@ fn run(
         config.flags.skip_rate_fallback,
         config.flags.rate_fallback,
     ));
+    // Listening comes before anything slow (flags, the broker), so that an address that cannot
+    // be used stops the daemon at once.
+    let (worker_metrics, queuer_metrics, _metrics_server) = match role {
+        Role::Worker => match config.metrics.worker_listen {
+            Some(address) => {
+                let metrics = WorkerMetrics::new(
+                    Arc::clone(&values),
+                    config.worker.concurrency,
+                    config.worker.max_job_types,
+                );
+                let server =
+                    serve_metrics(&config, "metrics.worker_listen", address, metrics.scrape())?;
+                (Some(metrics), None, Some(server))
+            }
+            None => (None, None, None),
+        },
+        Role::Queuer => match config.metrics.queuer_listen {
+            Some(address) => {
+                let metrics = QueuerMetrics::new(Arc::clone(&values));
+                let server =
+                    serve_metrics(&config, "metrics.queuer_listen", address, metrics.scrape())?;
+                (None, Some(metrics), Some(server))
+            }
+            None => (None, None, None),
+        },
+    };
     let flags = FlagSource::spawn(source_settings(&config, role), Arc::clone(&values)).map_err(
         |source| DaemonError::Io {
             what: "starting the flag source thread",
@@ -206,6 +235,7 @@ fn run(
                     flags: &flags,
                     notifier: &notifier,
                     handler,
+                    metrics: worker_metrics,
                 },
             )
             .map(drop)
@@ -217,10 +247,31 @@ fn run(
                 signals,
                 flags: &flags,
                 notifier: &notifier,
+                metrics: queuer_metrics,
             },
         )
         .map(drop),
     }
+}
+
+/// Starts the `/metrics` endpoint for `metrics` on `address`, the value of `key`. An address
+/// that cannot be listened on is a configuration error (exit status 78): another process holds
+/// the port (often the other daemon, configured with the same address) or the address is not
+/// this host's, and restarting cannot change either; the standard library's listener sets
+/// `SO_REUSEADDR`, so the previous run's connections never hold the port.
+fn serve_metrics(
+    config: &Config,
+    key: &'static str,
+    address: SocketAddr,
+    metrics: Arc<dyn Scrape>,
+) -> Result<MetricsServer, DaemonError> {
+    MetricsServer::start(address, metrics).map_err(|e| {
+        DaemonError::Config(ConfigError::Invalid {
+            path: config.path.clone(),
+            key,
+            message: format!("cannot listen on {address}: {e}"),
+        })
+    })
 }
 
 /// The handler `[handler]` asks for; `pool_threads` sizes the http handler's idle connections.
@@ -323,6 +374,8 @@ fn keep_restart_only_settings(current: &Config, mut new: Config) -> Config {
         "handler.output_limit_bytes" => handler.output_limit_bytes,
         "queuer.confirms" => queuer.confirms,
         "queuer.ledger_file" => queuer.ledger_file,
+        "metrics.worker_listen" => metrics.worker_listen,
+        "metrics.queuer_listen" => metrics.queuer_listen,
     );
     new
 }

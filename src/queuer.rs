@@ -19,6 +19,7 @@ use crate::flags::FlagValues;
 use crate::flags::source::FlagSource;
 use crate::job::{HEADER_CREATED_MS, HEADER_DEADLINE_MS, HEADER_WORK_MS};
 use crate::ledger::QueuerLedger;
+use crate::metrics::QueuerMetrics;
 use crate::notify::Notifier;
 use crate::signals::Signal;
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, FieldTable, Publish};
@@ -39,6 +40,8 @@ pub struct QueuerEnv<'a> {
     pub signals: Receiver<Signal>,
     pub flags: &'a FlagSource,
     pub notifier: &'a Notifier,
+    /// Where the publisher thread records what a scrape shows, when metrics are served.
+    pub metrics: Option<QueuerMetrics>,
 }
 
 /// Publishes until stopped (or `max_jobs`), reconnecting as needed; waits for outstanding
@@ -49,6 +52,7 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
         publisher: Publisher::new(&config),
         audit,
         awaiting_confirm: std::collections::VecDeque::new(),
+        sent_at: std::collections::VecDeque::new(),
         stats: tick(config.log.stats_interval),
         config,
         env: &env,
@@ -86,6 +90,9 @@ struct Queuer<'e, 'a> {
     /// With an audit trail: the sequence numbers of publishes awaiting a confirm, in publish
     /// (= delivery tag) order, so each confirm can be written down under its job id.
     awaiting_confirm: std::collections::VecDeque<u64>,
+    /// With metrics: when each publish awaiting a confirm was sent, in publish order, for the
+    /// confirm latency.
+    sent_at: std::collections::VecDeque<Instant>,
 }
 
 impl Supervised for Queuer<'_, '_> {
@@ -111,6 +118,9 @@ impl Supervised for Queuer<'_, '_> {
             never()
         };
         self.node = Some(session.node.clone());
+        if let Some(metrics) = &self.env.metrics {
+            metrics.broker(Some(&session.node));
+        }
         match self.broker_down.take() {
             Some(since) => log::info!(
                 "reconnected to RabbitMQ at {} after {} ms",
@@ -142,6 +152,11 @@ impl Supervised for Queuer<'_, '_> {
         let unconfirmed = self.ledger.unconfirmed();
         self.ledger.lost += unconfirmed;
         self.awaiting_confirm.clear();
+        self.sent_at.clear();
+        if let Some(metrics) = &self.env.metrics {
+            metrics.lost(unconfirmed);
+            metrics.broker(None);
+        }
         if self.broker_down.is_none() {
             if self.ready_sent {
                 log::error!(
@@ -209,6 +224,14 @@ impl Queuer<'_, '_> {
                             return SessionEnd::Lost(e.to_string());
                         }
                         self.ledger.sent += 1;
+                        if let Some(metrics) = &self.env.metrics {
+                            metrics.sent();
+                            if self.config.queuer.confirms {
+                                self.sent_at.push_back(Instant::now());
+                            } else {
+                                metrics.published();
+                            }
+                        }
                         if !self.config.queuer.confirms {
                             self.ledger.published += 1;
                             self.audit_confirm(Some(self.publisher.seq), "published");
@@ -238,6 +261,15 @@ impl Queuer<'_, '_> {
                     Ok(confirm) => {
                         for one in smoother.process(confirm) {
                             let seq = self.awaiting_confirm.pop_front();
+                            if let Some(metrics) = &self.env.metrics {
+                                if let Some(sent) = self.sent_at.pop_front() {
+                                    metrics.confirmed_after(sent.elapsed());
+                                }
+                                match one {
+                                    Confirm::Ack(_) => metrics.published(),
+                                    Confirm::Nack(_) => metrics.nacked(),
+                                }
+                            }
                             match one {
                                 Confirm::Ack(_) => {
                                     self.ledger.published += 1;

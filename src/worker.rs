@@ -28,6 +28,7 @@ use crate::handler::estimate::{TypeSlot, WorkEstimates};
 use crate::handler::{Handler, HandlerError, Job};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
+use crate::metrics::WorkerMetrics;
 use crate::notify::Notifier;
 use crate::retries::RetryCounts;
 use crate::shed::{self, Verdict};
@@ -79,6 +80,8 @@ struct Completion {
     wait_ms: Option<u64>,
     /// Deadline minus finish, for jobs that finished on time with a deadline.
     slack_ms: Option<u64>,
+    /// Finish minus deadline, for jobs that finished late.
+    lateness_ms: Option<u64>,
     /// Why the handler failed or asked for a retry, for the consumer thread's (throttled)
     /// warning.
     failure: Option<HandlerError>,
@@ -118,6 +121,8 @@ pub struct WorkerEnv<'a> {
     pub flags: &'a FlagSource,
     pub notifier: &'a Notifier,
     pub handler: Arc<dyn Handler>,
+    /// Where the consumer thread records what a scrape shows, when metrics are served.
+    pub metrics: Option<WorkerMetrics>,
 }
 
 /// Consumes until told to stop, reconnecting as needed; drains; returns the final ledger.
@@ -238,6 +243,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
         worked_ms: 0,
         wait_ms: None,
         slack_ms: None,
+        lateness_ms: None,
         failure: None,
     };
     let budgeted = JobMeta {
@@ -289,7 +295,10 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
                     Outcome::Failed
                 }
                 Ok(()) => match task.meta.deadline_ms {
-                    Some(deadline) if finished_ms > deadline => Outcome::Late,
+                    Some(deadline) if finished_ms > deadline => {
+                        completion.lateness_ms = Some(finished_ms - deadline);
+                        Outcome::Late
+                    }
                     Some(deadline) => {
                         completion.slack_ms = Some(deadline - finished_ms);
                         Outcome::Done
@@ -313,8 +322,9 @@ struct Worker<'e, 'a> {
     stats: Receiver<Instant>,
     /// Counts connections; tasks carry it so completions from a dead channel are recognised.
     generation: u64,
-    /// Deliveries held on this connection, running or decided, and the batching of their acks.
-    window: AckWindow<Delivery, Outcome>,
+    /// Deliveries held on this connection (with their job type's slot), running or decided,
+    /// and the batching of their acks.
+    window: AckWindow<(Delivery, TypeSlot), Outcome>,
     /// Decisions waiting for a flush that make one worth doing at once.
     ack_batch: usize,
     /// When waiting decisions must be flushed at the latest.
@@ -364,6 +374,9 @@ impl Supervised for Worker<'_, '_> {
         self.cancelled = false;
         self.window = AckWindow::new(usize::from(self.config.worker.prefetch));
         self.node = Some(session.node.clone());
+        if let Some(metrics) = &self.env.metrics {
+            metrics.broker(Some(&session.node));
+        }
         match self.broker_down.take() {
             Some((since, _)) => log::info!(
                 "reconnected to RabbitMQ at {} after {} ms; consuming from {:?}",
@@ -395,6 +408,9 @@ impl Supervised for Worker<'_, '_> {
         let delayed = self.retry_later.drain(..).count() as u64;
         let running = held_undecided as u64 - unstarted - delayed;
         self.ledger.returned += unsent as u64 + unstarted + delayed;
+        if let Some(metrics) = &self.env.metrics {
+            metrics.returned(unsent as u64 + unstarted + delayed);
+        }
         self.stale_running += running;
         self.flush_at = None;
         if self.broker_down.is_none() {
@@ -412,6 +428,9 @@ impl Supervised for Worker<'_, '_> {
             self.broker_down = Some((Instant::now(), reason.to_owned()));
         }
         self.node = None;
+        if let Some(metrics) = &self.env.metrics {
+            metrics.broker(None);
+        }
     }
 
     /// Stopping anyway: the broker has the unsettled jobs back.
@@ -512,9 +531,16 @@ impl Worker<'_, '_> {
 
     fn on_delivery(&mut self, mut delivery: Delivery) -> Result<(), String> {
         self.ledger.received += 1;
+        if let Some(metrics) = &self.env.metrics {
+            metrics.received();
+        }
         let tag = delivery.delivery_tag();
+        // Resolved for every delivery, so that metrics count it under its type when settled.
+        let slot = self
+            .estimates
+            .slot(delivery.properties.type_().as_deref().unwrap_or(""));
         if self.draining.is_some() {
-            self.window.hold(tag, delivery);
+            self.window.hold(tag, (delivery, slot));
             self.window.decide(tag, Outcome::Requeued);
             return Ok(());
         }
@@ -528,14 +554,11 @@ impl Worker<'_, '_> {
             Ok(meta) => meta,
             Err(why) => {
                 self.warn_malformed(&delivery, &why);
-                self.window.hold(tag, delivery);
+                self.window.hold(tag, (delivery, slot));
                 self.window.decide(tag, Outcome::Malformed);
                 return Ok(());
             }
         };
-        let slot = self
-            .estimates
-            .slot(delivery.properties.type_().as_deref().unwrap_or(""));
         let budget_ms = if meta.work_declared {
             meta.work_ms
         } else {
@@ -555,7 +578,7 @@ impl Worker<'_, '_> {
                 let body = std::mem::take(&mut delivery.body);
                 let properties = delivery.properties.clone();
                 let redelivered = delivery.redelivered;
-                self.window.hold(tag, delivery);
+                self.window.hold(tag, (delivery, slot));
                 let task = Task {
                     generation: self.generation,
                     tag,
@@ -580,7 +603,7 @@ impl Worker<'_, '_> {
                     Verdict::Doomed => Outcome::Doomed,
                     _ => Outcome::Skipped,
                 };
-                self.window.hold(tag, delivery);
+                self.window.hold(tag, (delivery, slot));
                 self.window.decide(tag, outcome);
                 Ok(())
             }
@@ -592,7 +615,18 @@ impl Worker<'_, '_> {
             // Its channel is gone; the broker has already put the job back in the queue.
             self.stale_running = self.stale_running.saturating_sub(1);
             self.ledger.returned += 1;
+            if let Some(metrics) = &self.env.metrics {
+                metrics.returned(1);
+            }
             return;
+        }
+        if let Some(metrics) = &self.env.metrics {
+            metrics.completed(
+                completion.wait_ms,
+                completion.worked_ms,
+                completion.slack_ms,
+                completion.lateness_ms,
+            );
         }
         let mut outcome = completion.outcome;
         match outcome {
@@ -612,6 +646,12 @@ impl Worker<'_, '_> {
         if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
             self.estimates
                 .observe(completion.slot, completion.worked_ms);
+            if let Some(metrics) = &self.env.metrics {
+                let budget = self
+                    .estimates
+                    .budget_ms(completion.slot, self.policy.defaults.work_ms);
+                metrics.work_estimate(completion.slot, budget);
+            }
         }
         if let Some(wait) = completion.wait_ms {
             self.ledger.wait_ms.record(wait);
@@ -621,7 +661,7 @@ impl Worker<'_, '_> {
             let earlier = self
                 .window
                 .get(completion.tag)
-                .map_or(0, |d| delivery_count(&d.properties));
+                .map_or(0, |(d, _)| delivery_count(&d.properties));
             let retries = self.retries.bump(completion.retry_key, earlier);
             if retries > self.policy.max_retries {
                 outcome = Outcome::Failed;
@@ -636,7 +676,7 @@ impl Worker<'_, '_> {
             self.failure_warnings.warn(|| {
                 let id = window
                     .get(completion.tag)
-                    .and_then(|d| d.properties.message_id().as_deref());
+                    .and_then(|(d, _)| d.properties.message_id().as_deref());
                 let id = id.unwrap_or("(no message_id)");
                 match gave_up {
                     Some(n) => format!("job {id:?} failed: {why}, after {n} retries"),
@@ -684,16 +724,19 @@ impl Worker<'_, '_> {
     fn flush(&mut self, consumer: &Consumer<'_>) -> Result<(), String> {
         self.flush_at = None;
         let shed_action = self.policy.shed_action;
+        let default_work_ms = self.policy.defaults.work_ms;
         let Worker {
             window,
             ledger,
             audit,
+            estimates,
+            env,
             ..
         } = self;
         window
             .flush(
                 |outcome| disposition(outcome, shed_action),
-                |delivery, outcome| {
+                |(delivery, slot), outcome| {
                     if let Some(audit) = audit.as_mut() {
                         audit.record(
                             delivery.properties.message_id().as_deref(),
@@ -702,8 +745,11 @@ impl Worker<'_, '_> {
                         audit.flush();
                     }
                     ledger.record(outcome);
+                    if let Some(metrics) = &env.metrics {
+                        metrics.settled(estimates, *slot, outcome, default_work_ms);
+                    }
                 },
-                |delivery, disposition, multiple| {
+                |(delivery, _), disposition, multiple| {
                     send_frame(consumer, delivery, disposition, multiple)
                 },
             )
@@ -777,6 +823,9 @@ impl Worker<'_, '_> {
         };
         self.policy = Policy::from_config(&new);
         self.estimates.set_settings(new.worker.estimate);
+        if let Some(metrics) = &self.env.metrics {
+            metrics.refresh_work_estimates(&self.estimates, self.policy.defaults.work_ms);
+        }
         if new.log.stats_interval != self.config.log.stats_interval {
             self.stats = tick(new.log.stats_interval);
         }

@@ -190,6 +190,7 @@ fn accepted_keys_are_read_from_the_code() {
             "handler",
             "launchdarkly",
             "log",
+            "metrics",
             "queuer",
             "worker"
         ])
@@ -333,6 +334,11 @@ fn example_config_values_are_the_code_defaults() {
             "log",
             format!("{:?}", example.log),
             format!("{:?}", defaults.log),
+        ),
+        (
+            "metrics",
+            format!("{:?}", example.metrics),
+            format!("{:?}", defaults.metrics),
         ),
     ]
     .into_iter()
