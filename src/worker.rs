@@ -559,21 +559,31 @@ impl Worker<'_, '_> {
                 return Ok(());
             }
         };
-        let budget_ms = if meta.work_declared {
+        let mut budget_ms = if meta.work_declared {
             meta.work_ms
         } else {
             self.estimates.budget_ms(slot, self.policy.defaults.work_ms)
         };
-        let budgeted = JobMeta {
-            work_ms: budget_ms,
-            ..meta
-        };
-        match shed::at_receipt(
-            &budgeted,
+        let skip_ppm = self.env.values.skip_ppm();
+        let mut verdict = shed::at_receipt(
+            &JobMeta {
+                work_ms: budget_ms,
+                ..meta
+            },
             now,
-            self.env.values.skip_ppm(),
+            skip_ppm,
             self.policy.drop_doomed,
-        ) {
+        );
+        if verdict == Verdict::Doomed
+            && !meta.work_declared
+            && self.estimates.doomed_by_estimate(slot)
+        {
+            // A probe: the estimate has kept this type out for long; see if it still holds.
+            budget_ms = 0;
+            let unbudgeted = JobMeta { work_ms: 0, ..meta };
+            verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, self.policy.drop_doomed);
+        }
+        match verdict {
             Verdict::Run => {
                 let body = std::mem::take(&mut delivery.body);
                 let properties = delivery.properties.clone();
@@ -644,8 +654,12 @@ impl Worker<'_, '_> {
         }
         self.ledger.work_ms += completion.worked_ms;
         if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
-            self.estimates
-                .observe(completion.slot, completion.worked_ms);
+            if outcome == Outcome::TimedOut {
+                self.estimates.observe_stopped(completion.slot);
+            } else {
+                self.estimates
+                    .observe(completion.slot, completion.worked_ms);
+            }
             if let Some(metrics) = &self.env.metrics {
                 let budget = self
                     .estimates
