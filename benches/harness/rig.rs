@@ -26,6 +26,7 @@ pub struct RigOptions {
     pub ttl_ms: u64,
     /// `None`: the worker's default (= concurrency).
     pub prefetch: Option<u64>,
+    /// flagshed's deadline-aware shedding: drop doomed jobs and stop a job at its deadline.
     pub drop_doomed: bool,
     /// Initial flag values.
     pub skip_rate: f64,
@@ -177,6 +178,9 @@ impl Rig {
             .set("worker", "default_work_ms", &options.work_ms.to_string())
             .set("worker", "shed_action", "\"ack\"")
             .set("worker", "drop_doomed", &options.drop_doomed.to_string())
+            // The original design ran every job to its end; flagshed's shedding also stops a
+            // job at its deadline.
+            .set("handler", "enforce_deadline", &options.drop_doomed.to_string())
             .set("queuer", "ttl_ms", &options.ttl_ms.to_string())
             .set("queuer", "work_ms", &options.work_ms.to_string())
             .set(
