@@ -6,6 +6,9 @@
 //! the real RabbitMQ and the real daemon binaries.
 #![allow(dead_code)]
 
+pub mod feed;
+pub mod httpd;
+pub mod random;
 pub mod rig;
 pub mod svg;
 

@@ -180,7 +180,11 @@ impl Rig {
             .set("worker", "drop_doomed", &options.drop_doomed.to_string())
             // The original design ran every job to its end; flagshed's shedding also stops a
             // job at its deadline.
-            .set("handler", "enforce_deadline", &options.drop_doomed.to_string())
+            .set(
+                "handler",
+                "enforce_deadline",
+                &options.drop_doomed.to_string(),
+            )
             .set("queuer", "ttl_ms", &options.ttl_ms.to_string())
             .set("queuer", "work_ms", &options.work_ms.to_string())
             .set(
