@@ -655,7 +655,8 @@ impl Worker<'_, '_> {
         self.ledger.work_ms += completion.worked_ms;
         if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
             if outcome == Outcome::TimedOut {
-                self.estimates.observe_stopped(completion.slot);
+                self.estimates
+                    .observe_stopped(completion.slot, completion.worked_ms);
             } else {
                 self.estimates
                     .observe(completion.slot, completion.worked_ms);
