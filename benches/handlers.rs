@@ -377,18 +377,6 @@ impl Accounting {
     }
 }
 
-/// The worker's final outcome counters that mean a job is finished with.
-const FINAL_OUTCOMES: [&str; 8] = [
-    "done",
-    "late",
-    "timed_out",
-    "failed",
-    "skipped",
-    "expired",
-    "doomed",
-    "malformed",
-];
-
 /// Checks the final ledger line, and each published job by id: settled once in the audit
 /// trail, or expired by RabbitMQ, or still in the queue.
 fn account(
@@ -456,7 +444,10 @@ fn account(
         ));
     }
     if let Some(line) = final_line {
-        let counted: u64 = FINAL_OUTCOMES.iter().map(|k| line.get(k)).sum();
+        let counted: u64 = support::daemon::final_states()
+            .iter()
+            .map(|k| line.get(k))
+            .sum();
         if counted != finals.len() as u64 {
             problems.push(format!(
                 "final outcomes {counted} != jobs settled in the audit trail {}",

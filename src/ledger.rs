@@ -48,6 +48,12 @@ impl Outcome {
         Outcome::Requeued,
     ];
 
+    /// Whether the job is finished with here: false for the outcomes that hand it back to the
+    /// queue (`retried`, `requeued`), where another delivery of it will end in its own outcome.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Outcome::Retried | Outcome::Requeued)
+    }
+
     /// The product's word for it, used in logs, stats and docs.
     pub fn as_str(self) -> &'static str {
         match self {

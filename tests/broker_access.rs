@@ -78,10 +78,7 @@ fn no_permission_on_the_queue_stops_the_daemon_with_ex_config() {
 fn an_unreachable_broker_is_retried_not_refused() {
     let dir = TempDir::new("unreachable");
     // A port that was just free: connections are refused, which heals when a broker starts.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = support::daemon::free_port();
     let config = TestConfig::new(&unique_name("unreachable"))
         .set(
             "broker",

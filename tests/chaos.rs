@@ -18,20 +18,12 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::broker::{TestBroker, death_reason, unique_name};
-use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
+use support::daemon::{
+    Bin, Daemon, Ledger, TempDir, TestConfig, final_states, ledger_lines, toml_str,
+};
 use support::fake_ld::{FakeLd, number_flag};
 
 const WAIT: Duration = Duration::from_secs(90);
-const FINAL_STATES: [&str; 8] = [
-    "done",
-    "late",
-    "timed_out",
-    "failed",
-    "skipped",
-    "expired",
-    "doomed",
-    "malformed",
-];
 
 /// Where a scenario's daemons get their flags.
 enum Flags<'a> {
@@ -203,18 +195,6 @@ struct Audit {
     lost: u64,
 }
 
-fn ledger_lines(path: &Path) -> Vec<(String, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            let _ms = parts.next()?;
-            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
-        })
-        .collect()
-}
-
 impl Audit {
     fn new(
         queuer_ledger: &Path,
@@ -227,9 +207,10 @@ impl Audit {
             .filter(|(_, state)| state == "published")
             .map(|(id, _)| id)
             .collect();
+        let final_states = final_states();
         let mut finals: HashMap<String, Vec<String>> = HashMap::new();
         for (id, state) in ledger_lines(worker_ledger) {
-            if FINAL_STATES.contains(&state.as_str()) {
+            if final_states.contains(&state.as_str()) {
                 finals.entry(id).or_default().push(state);
             }
         }

@@ -15,22 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::broker::{TestBroker, unique_name};
-use support::daemon::{Bin, Daemon, FileLock, Ledger, TempDir, TestConfig, toml_str};
+use support::daemon::{
+    Bin, Daemon, FileLock, Ledger, TempDir, TestConfig, final_states, ledger_lines, toml_str,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// The members' AMQP ports, node 1 to 3.
 const PORTS: [u16; 3] = [5691, 5692, 5693];
 const PREFETCH: u64 = 10;
-const FINAL_STATES: [&str; 8] = [
-    "done",
-    "late",
-    "timed_out",
-    "failed",
-    "skipped",
-    "expired",
-    "doomed",
-    "malformed",
-];
 
 fn cluster(args: &[&str]) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rabbitmq-cluster");
@@ -111,36 +103,15 @@ fn last_stats(daemon: &Daemon, role: &str) -> Ledger {
 }
 
 /// After a fault at `since`: how long until `daemon` is on another node than `victim` and
-/// has made progress there (`counter` grew).
-fn time_to_flow(
-    daemon: &Daemon,
-    role: &str,
-    counter: &str,
-    victim: &str,
-    since: Instant,
-) -> Duration {
-    let mut moved_at_count = None;
-    loop {
-        assert!(
-            since.elapsed() < WAIT,
-            "no progress after the fault:\n{}",
-            daemon.log()
-        );
-        let stats = last_stats(daemon, role);
-        let node = stats.text("broker_node");
-        let count = stats
-            .fields
-            .get(counter)
-            .and_then(|v| v.parse::<u64>().ok());
-        match (moved_at_count, count) {
-            (None, Some(count)) if node != victim && node != "-" && !node.is_empty() => {
-                moved_at_count = Some(count);
-            }
-            (Some(before), Some(now)) if now > before => return since.elapsed(),
-            _ => {}
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// has made progress there (`counter` grew), waiting on its stats lines.
+fn time_to_flow(daemon: &Daemon, counter: &str, victim: &str, since: Instant) -> Duration {
+    let moved = daemon.wait_for_new_stats(|s| {
+        let node = s.text("broker_node");
+        node != victim && node != "-" && !node.is_empty() && s.fields.contains_key(counter)
+    });
+    let there = moved.get(counter);
+    daemon.wait_for_new_stats(|s| s.get(counter) > there);
+    since.elapsed()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -196,11 +167,11 @@ fn scenario(fault: Fault, whose: Victim) {
         Fault::Block => cluster(&["block", &node]),
     };
     let queuer_flow =
-        queuer_on_victim.then(|| time_to_flow(&queuer, "queuer", "published", &victim, fault_at));
+        queuer_on_victim.then(|| time_to_flow(&queuer, "published", &victim, fault_at));
     let worker_flows: Vec<Option<Duration>> = workers
         .iter()
         .zip(&on_victim)
-        .map(|(w, &on)| on.then(|| time_to_flow(w, "worker", "done", &victim, fault_at)))
+        .map(|(w, &on)| on.then(|| time_to_flow(w, "done", &victim, fault_at)))
         .collect();
     match fault {
         Fault::Kill => cluster(&["restart", &node]),
@@ -255,18 +226,6 @@ struct Audit {
     lost: u64,
 }
 
-fn ledger_lines(path: &Path) -> Vec<(String, String)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            let _ms = parts.next()?;
-            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
-        })
-        .collect()
-}
-
 impl Audit {
     fn new(queuer_ledger: &Path, worker_ledgers: &[&Path]) -> Audit {
         let confirmed: HashSet<String> = ledger_lines(queuer_ledger)
@@ -274,6 +233,7 @@ impl Audit {
             .filter(|(_, state)| state == "published")
             .map(|(id, _)| id)
             .collect();
+        let final_states = final_states();
         let mut finals: HashMap<String, u64> = HashMap::new();
         let mut audit = Audit {
             confirmed: confirmed.len() as u64,
@@ -281,7 +241,7 @@ impl Audit {
         };
         for ledger in worker_ledgers {
             for (id, state) in ledger_lines(ledger) {
-                if FINAL_STATES.contains(&state.as_str()) {
+                if final_states.contains(&state.as_str()) {
                     *finals.entry(id).or_default() += 1;
                     *audit.by_state.entry(state).or_default() += 1;
                 }

@@ -172,10 +172,7 @@ fn other_statuses_and_redirects_fail() {
 #[test]
 fn a_server_that_is_down_fails_the_job_and_the_worker_goes_on() {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = support::daemon::free_port();
     let (ledger, worker) = run_jobs(
         "http-down",
         &format!("http://127.0.0.1:{port}/jobs"),

@@ -10,6 +10,7 @@ mod support;
 mod prometheus;
 
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
+use flagshed::ledger::Outcome;
 use prometheus::{Prometheus, Scrape, assert_promtool_passes, eventually, metrics_address, scrape};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,20 +19,6 @@ use support::broker::{TestBroker, now_ms, unique_name};
 use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Every outcome of the worker's ledger, as its stats and final lines name them.
-const OUTCOMES: [&str; 10] = [
-    "done",
-    "late",
-    "timed_out",
-    "failed",
-    "skipped",
-    "expired",
-    "doomed",
-    "malformed",
-    "retried",
-    "requeued",
-];
 
 /// Jobs of a type of their own, published beside the queuer's untyped ones.
 const TYPED_JOBS: u64 = 20;
@@ -58,10 +45,11 @@ fn scraped_ledger(prometheus: &Prometheus) -> BTreeMap<String, u64> {
 
 /// The same fields of a stats or final line.
 fn logged_ledger(line: &Ledger) -> BTreeMap<String, u64> {
-    OUTCOMES
+    Outcome::ALL
         .iter()
-        .chain(&["received", "returned"])
-        .map(|&field| (field.to_owned(), line.get(field)))
+        .map(|o| o.as_str())
+        .chain(["received", "returned"])
+        .map(|field| (field.to_owned(), line.get(field)))
         .collect()
 }
 

@@ -2,6 +2,7 @@
 //! test can wait for, signals, and the final ledger line parsed into numbers.
 
 use crossbeam_channel::{Receiver, unbounded};
+use flagshed::ledger::Outcome;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -416,20 +417,37 @@ impl Ledger {
 
     /// The worker's settled outcomes, summed.
     pub fn settled(&self) -> u64 {
-        [
-            "done",
-            "late",
-            "timed_out",
-            "failed",
-            "skipped",
-            "expired",
-            "doomed",
-            "malformed",
-            "retried",
-            "requeued",
-        ]
-        .iter()
-        .map(|k| self.get(k))
-        .sum()
+        Outcome::ALL.iter().map(|o| self.get(o.as_str())).sum()
     }
+}
+
+/// The words of the outcomes that end a job for good (not handed back to the queue), as the
+/// ledger files and stats lines write them.
+pub fn final_states() -> Vec<&'static str> {
+    Outcome::ALL
+        .iter()
+        .filter(|o| o.is_final())
+        .map(|o| o.as_str())
+        .collect()
+}
+
+/// A `ledger_file` as (job id, state) pairs, in the order written.
+pub fn ledger_lines(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let _ms = parts.next()?;
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// A port on 127.0.0.1 that was free a moment ago: nothing listens there.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
