@@ -112,7 +112,11 @@ pub fn parse(
     })
 }
 
-fn header_ms(headers: Option<&FieldTable>, name: &'static str) -> Result<Option<u64>, Malformed> {
+/// A header's value as a non-negative integer of any AMQP integer type; `Ok(None)` when absent.
+pub(crate) fn header_ms(
+    headers: Option<&FieldTable>,
+    name: &'static str,
+) -> Result<Option<u64>, Malformed> {
     let Some(value) = headers.and_then(|h| h.get(name)) else {
         return Ok(None);
     };

@@ -34,7 +34,7 @@ use crate::retries::RetryCounts;
 use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use crate::throttle::Throttle;
-use amiquip::{AmqpProperties, AmqpValue, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{AmqpProperties, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -884,19 +884,8 @@ fn disposition(outcome: Outcome, shed_action: ShedAction) -> Disposition {
 
 /// A quorum queue's `x-delivery-count` (earlier deliveries of this job); 0 without one.
 fn delivery_count(properties: &AmqpProperties) -> u32 {
-    let value = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.get(HEADER_DELIVERY_COUNT));
-    let count = match value {
-        Some(AmqpValue::LongLongInt(n)) => *n,
-        Some(AmqpValue::LongInt(n)) => i64::from(*n),
-        Some(AmqpValue::LongUInt(n)) => i64::from(*n),
-        Some(AmqpValue::ShortInt(n)) => i64::from(*n),
-        Some(AmqpValue::ShortUInt(n)) => i64::from(*n),
-        _ => 0,
-    };
-    u32::try_from(count.max(0)).unwrap_or(u32::MAX)
+    let count = job::header_ms(properties.headers().as_ref(), HEADER_DELIVERY_COUNT);
+    u32::try_from(count.ok().flatten().unwrap_or(0)).unwrap_or(u32::MAX)
 }
 
 /// One ack, reject or nack frame; `multiple` settles every delivery up to this one.
