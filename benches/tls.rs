@@ -12,25 +12,24 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 use support::broker::{TestBroker, unique_name};
 use support::daemon::{Bin, Daemon, TempDir, TestConfig, toml_str};
 
 const WAIT: Duration = Duration::from_secs(300);
-const PLAIN: &str = "amqp://guest:guest@127.0.0.1:5682/%2f";
+const PLAIN: &str = support::nodes::TLS_NODE_PLAIN_URL;
 const TLS: &str = "amqps://guest:guest@localhost:5681/%2f";
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let jobs: u64 = env_number("FLAGSHED_BENCH_JOBS", if quick { 3_000 } else { 20_000 });
     let reps: usize = env_number("FLAGSHED_BENCH_REPS", if quick { 1 } else { 3 }) as usize;
-    let certs = tls_node();
+    let certs = support::nodes::tls_node();
     let mut rates: [[Vec<f64>; 2]; 2] = Default::default(); // [transport][publish, consume]
     for rep in 0..reps {
         for (t, url) in [PLAIN, TLS].into_iter().enumerate() {
-            let (publish, consume) = run(url, &certs, jobs);
+            let (publish, consume) = run(url, certs, jobs);
             println!(
                 "rep {}: {:<5} publish {publish:>8.0}/s  consume {consume:>8.0}/s",
                 rep + 1,
@@ -66,23 +65,6 @@ fn env_number(name: &str, default: u64) -> u64 {
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn tls_node() -> PathBuf {
-    let dir = PathBuf::from("/var/tmp/flagshed-rabbitmq/tls-certs");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/rabbitmq-tls-node");
-    let running = Command::new(&script)
-        .args(["status", dir.to_str().expect("utf-8 path")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !running {
-        let status = Command::new(&script)
-            .args(["start", dir.to_str().expect("utf-8 path")])
-            .status()
-            .expect("run scripts/rabbitmq-tls-node");
-        assert!(status.success(), "the TLS node did not start");
-    }
-    dir
 }
 
 /// Publishes `jobs` jobs over `url`, then consumes them; returns both rates in jobs/s.

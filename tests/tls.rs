@@ -8,47 +8,16 @@ mod support;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 use support::daemon::{Bin, Daemon, TempDir, TestConfig, toml_str};
 
 const WAIT: Duration = Duration::from_secs(60);
-/// The TLS node's listener, as scripts/rabbitmq-tls-node starts it.
-const TLS_PORT: u16 = 5681;
+use support::nodes::{TLS_NODE_PLAIN_URL, TLS_NODE_TLS_PORT as TLS_PORT};
 
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scripts")
         .join(name)
-}
-
-/// The TLS node's certificate directory, starting the node if it is not running. A node that
-/// cannot start fails the test, saying why: these tests never skip.
-fn tls_node() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        // Test processes run in parallel: one checks and starts the node at a time.
-        let _lock = support::daemon::FileLock::take("/var/tmp/flagshed-rabbitmq-tls-node.lock");
-        let dir = PathBuf::from("/var/tmp/flagshed-rabbitmq/tls-certs");
-        let running = Command::new(script("rabbitmq-tls-node"))
-            .args(["status", dir.to_str().expect("utf-8 path")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-            && dir.join("ca.pem").exists();
-        if !running {
-            let out = Command::new(script("rabbitmq-tls-node"))
-                .args(["start", dir.to_str().expect("utf-8 path")])
-                .output()
-                .expect("run scripts/rabbitmq-tls-node");
-            assert!(
-                out.status.success(),
-                "the TLS node did not start (needs root and rabbitmq-server): {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        dir
-    })
 }
 
 fn path_str(path: &Path) -> String {
@@ -57,7 +26,7 @@ fn path_str(path: &Path) -> String {
 
 /// A worker and queuer moving `jobs` jobs over TLS to `url`; returns the worker's log.
 fn jobs_flow(what: &str, url: &str, client_cert: bool) -> String {
-    let certs = tls_node();
+    let certs = support::nodes::tls_node();
     let dir = TempDir::new(what);
     let queue = support::broker::unique_name(what);
     let mut config = TestConfig::new(&queue)
@@ -108,8 +77,7 @@ fn url_host(url: &str) -> &str {
 
 /// The TLS node also listens on plain AMQP (5682) for housekeeping like this.
 fn delete_queue_on_tls_node(queue: &str) {
-    let mut broker =
-        support::broker::TestBroker::connect_to("amqp://guest:guest@127.0.0.1:5682/%2f");
+    let mut broker = support::broker::TestBroker::connect_to(TLS_NODE_PLAIN_URL);
     broker.owns_queue(queue);
 }
 
@@ -150,7 +118,7 @@ fn refused_handshake(what: &str, url: &str, ca: &Path, reason: &str) {
 
 #[test]
 fn an_untrusted_ca_fails_clearly() {
-    let certs = tls_node();
+    let certs = support::nodes::tls_node();
     refused_handshake(
         "tls-wrong-ca",
         &format!("amqps://guest:guest@localhost:{TLS_PORT}/%2f"),

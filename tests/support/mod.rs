@@ -7,4 +7,5 @@ pub mod capture;
 pub mod daemon;
 pub mod fake_ld;
 pub mod http_server;
+pub mod nodes;
 pub mod raw_amqp;
