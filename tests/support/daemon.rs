@@ -226,6 +226,12 @@ impl Daemon {
         self.lines.lock().expect("log lock").join("\n")
     }
 
+    /// The last `n` lines of the log, for a failure message that stays readable.
+    pub fn log_tail(&self, n: usize) -> String {
+        let lines = self.lines.lock().expect("log lock");
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub fn line_count(&self) -> usize {
         self.lines.lock().expect("log lock").len()
     }
@@ -254,8 +260,8 @@ impl Daemon {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 panic!(
-                    "no log line containing {needle:?} within {timeout:?}; log:\n{}",
-                    self.log()
+                    "no log line containing {needle:?} within {timeout:?}; last lines:\n{}",
+                    self.log_tail(400)
                 );
             }
             let _ = self
@@ -282,9 +288,19 @@ impl Daemon {
         from: usize,
         done: impl Fn(&Ledger) -> bool,
     ) -> (usize, Ledger) {
+        // One deadline for the whole wait: a daemon that keeps logging stats lines that never
+        // satisfy `done` must fail the test, not hold it forever.
+        let end = Instant::now() + STATS_WAIT;
         let mut from = from;
         loop {
-            let (i, line) = self.wait_for_line_from(from, "stats role=", STATS_WAIT);
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "no stats line met the condition within {STATS_WAIT:?}; last lines:\n{}",
+                    self.log_tail(200)
+                );
+            }
+            let (i, line) = self.wait_for_line_from(from, "stats role=", left);
             let stats = Ledger::parse(&line);
             if done(&stats) {
                 return (i, stats);
