@@ -11,6 +11,7 @@
 //! channel until a message has parsed completely; and the SDK key is only ever a header value,
 //! never formatted into a URL, a log line, an error or `Debug` output.
 
+pub mod events;
 mod http;
 mod poll;
 pub mod protocol;

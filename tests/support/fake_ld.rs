@@ -1,10 +1,12 @@
 //! A fake LaunchDarkly service on 127.0.0.1, speaking the real protocol over plain HTTP/1.1:
 //! `GET /all` streams Server-Sent Events (chunked), `GET /sdk/latest-all` answers the data set
-//! as JSON with an `ETag` (and `304` to a matching `If-None-Match`).
+//! as JSON with an `ETag` (and `304` to a matching `If-None-Match`), and `POST /bulk` takes an
+//! analytics events payload (its body read by `Content-Length` or chunked) and answers `202`.
 //!
 //! Tests drive it: set the data set, push `put`/`patch`/`delete`/heartbeats or any raw text to
-//! every open stream, drop the streams, make the next requests fail with a status; and they
-//! inspect it: every request's path, headers and arrival time. It uses only std networking, a
+//! every open stream, drop the streams, make the next requests (posts included) fail with a
+//! status; and they inspect it: every request's method, path, headers, body, arrival time and
+//! whether it was failed on purpose, and the events payloads decoded. It uses only std networking, a
 //! thread per connection, so it starts in microseconds and needs nothing installed.
 #![allow(dead_code)]
 
@@ -16,15 +18,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// The largest request body the fake reads; a client sending more is broken.
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
 /// One request as the fake received it.
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// `GET`, `POST`, …
+    pub method: String,
     /// The path without the query string.
     pub path: String,
     /// Header names lower-cased, values as sent.
     pub headers: Vec<(String, String)>,
+    /// The body, decoded from `Content-Length` or chunked framing; empty if there was none.
+    pub body: Vec<u8>,
     /// When the request's headers had arrived.
     pub at: Instant,
+    /// The status it was answered with instead of being served, when [`FakeLd::fail_next`]
+    /// asked for one.
+    pub failed_with: Option<u16>,
 }
 
 impl Request {
@@ -35,6 +47,18 @@ impl Request {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON; panics (naming the path) if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} {} body is not JSON ({e}): {}",
+                self.method,
+                self.path,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 }
 
@@ -196,7 +220,8 @@ impl FakeLd {
         self.shared.changed.notify_all();
     }
 
-    /// Answers the next `n` requests (to any path) with `status` instead of serving them.
+    /// Answers the next `n` requests (to any path, posts included: their body is read first)
+    /// with `status` instead of serving them.
     pub fn fail_next(&self, n: usize, status: u16) {
         let mut state = self.shared.lock();
         state.failures.extend(std::iter::repeat_n(status, n));
@@ -216,6 +241,28 @@ impl FakeLd {
             .filter(|r| r.path == path)
             .cloned()
             .collect()
+    }
+
+    /// The events payloads accepted so far (posts to `/bulk` not failed on purpose), each
+    /// decoded from its JSON array body, oldest first.
+    pub fn bulk_payloads(&self) -> Vec<Vec<Value>> {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| is_accepted_bulk(r))
+            .map(|r| match r.json() {
+                Value::Array(events) => events,
+                other => panic!("a bulk payload must be a JSON array, got {other}"),
+            })
+            .collect()
+    }
+
+    /// Waits until at least `n` events payloads have been accepted; false on timeout.
+    pub fn wait_for_bulk_payloads(&self, n: usize, timeout: Duration) -> bool {
+        self.wait(timeout, |s| {
+            s.requests.iter().filter(|r| is_accepted_bulk(r)).count() >= n
+        })
     }
 
     /// How many streams are open now.
@@ -272,6 +319,10 @@ pub fn number_flag(key: &str, version: u64, value: f64) -> Value {
     })
 }
 
+fn is_accepted_bulk(request: &Request) -> bool {
+    request.method == "POST" && request.path == "/bulk" && request.failed_with.is_none()
+}
+
 fn etag(state: &State) -> String {
     format!("\"fake-{}\"", state.data_version)
 }
@@ -306,11 +357,13 @@ fn write_chunk(socket: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     socket.flush()
 }
 
-/// Reads the request line and headers; `None` if the client went away first.
+/// Reads the request line, headers and body; `None` if the client went away first.
 fn read_request(reader: &mut impl BufRead) -> Option<Request> {
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
-    let target = line.split_whitespace().nth(1)?.to_owned();
+    let mut words = line.split_whitespace();
+    let method = words.next()?.to_owned();
+    let target = words.next()?.to_owned();
     let path = target.split('?').next().unwrap_or_default().to_owned();
     let mut headers = Vec::new();
     loop {
@@ -326,16 +379,74 @@ fn read_request(reader: &mut impl BufRead) -> Option<Request> {
             headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
         }
     }
-    Some(Request {
+    let at = Instant::now();
+    let mut request = Request {
+        method,
         path,
         headers,
-        at: Instant::now(),
-    })
+        body: Vec::new(),
+        at,
+        failed_with: None,
+    };
+    request.body = read_body(reader, &request)?;
+    Some(request)
+}
+
+/// Reads the body `request`'s headers announce: chunked, or `Content-Length` bytes, or none.
+fn read_body(reader: &mut impl BufRead, request: &Request) -> Option<Vec<u8>> {
+    let chunked = request
+        .header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        return read_chunked(reader);
+    }
+    let length: usize = match request.header("content-length") {
+        Some(text) => text.parse().ok()?,
+        None => 0,
+    };
+    if length > MAX_BODY_BYTES {
+        return None;
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+/// Decodes a chunked body, trailers skipped.
+fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        let size_text = line.trim_end_matches(['\r', '\n']);
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        if size == 0 {
+            break;
+        }
+        if body.len() + size > MAX_BODY_BYTES {
+            return None;
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..]).ok()?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 || line.trim_end_matches(['\r', '\n']).is_empty()
+        {
+            return Some(body);
+        }
+    }
 }
 
 fn respond(socket: &mut TcpStream, status: u16, headers: &[(&str, &str)], body: &[u8]) {
     let reason = match status {
         200 => "OK",
+        202 => "Accepted",
         304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
@@ -367,19 +478,22 @@ fn serve(mut socket: TcpStream, shared: &Shared) {
         return;
     };
     let mut reader = BufReader::new(read_half);
-    let Some(request) = read_request(&mut reader) else {
+    let Some(mut request) = read_request(&mut reader) else {
         return;
     };
     let mut state = shared.lock();
     if shared.stopping.load(Ordering::Relaxed) {
         return;
     }
+    let method = request.method.clone();
     let path = request.path.clone();
     let if_none_match = request.header("if-none-match").map(str::to_owned);
+    let failure = state.failures.pop_front();
+    request.failed_with = failure;
     state.requests.push(request);
     shared.changed.notify_all();
 
-    if let Some(status) = state.failures.pop_front() {
+    if let Some(status) = failure {
         drop(state);
         respond(
             &mut socket,
@@ -389,8 +503,12 @@ fn serve(mut socket: TcpStream, shared: &Shared) {
         );
         return;
     }
-    match path.as_str() {
-        "/all" => {
+    match (method.as_str(), path.as_str()) {
+        ("POST", "/bulk") => {
+            drop(state);
+            respond(&mut socket, 202, &[], b"");
+        }
+        (_, "/all") => {
             let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
                         Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
             let put = event("put", &put_body(&state).to_string());
@@ -417,7 +535,7 @@ fn serve(mut socket: TcpStream, shared: &Shared) {
             state.streams.retain(|s| s.id != id);
             shared.changed.notify_all();
         }
-        "/sdk/latest-all" => {
+        (_, "/sdk/latest-all") => {
             let tag = etag(&state);
             if if_none_match.as_deref() == Some(tag.as_str()) {
                 drop(state);
