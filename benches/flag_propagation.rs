@@ -12,7 +12,7 @@ mod fake_ld;
 use fake_ld::{FakeLd, number_flag};
 use flagshed::config::Config;
 use flagshed::flags::FlagValues;
-use flagshed::flags::source::{FlagSource, SourceSettings};
+use flagshed::flags::source::FlagSource;
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -29,16 +29,12 @@ fn main() {
     fake.set_flag(number_flag("skip-rate", 1, 0.0));
     let text = format!(
         "[flags]\ncontext_key = \"bench-host\"\n\
-         [launchdarkly]\nsdk_key = \"sdk-bench\"\nstream_uri = \"{uri}\"\nbase_uri = \"{uri}\"\n",
+         [launchdarkly]\nsdk_key = \"sdk-bench\"\nstream_uri = \"{uri}\"\nbase_uri = \"{uri}\"\nevents_uri = \"{uri}\"\n",
         uri = fake.uri()
     );
     let config = Config::parse(Path::new("bench.toml"), &text).expect("valid bench config");
-    let settings = SourceSettings {
-        flags: config.flags,
-        launchdarkly: config.launchdarkly,
-        role: "worker",
-        queue: "bench".into(),
-    };
+    let mut settings = flagshed::daemon::source_settings(&config, flagshed::daemon::Role::Worker);
+    settings.queue = "bench".into();
     let values = Arc::new(FlagValues::new(0.0, 1.0));
     let _source = FlagSource::spawn(settings, Arc::clone(&values)).expect("start the flag source");
     assert!(

@@ -138,6 +138,7 @@ struct RawWorker {
     estimate_half_life_jobs: Option<u64>,
     estimate_min_jobs: Option<u64>,
     max_job_types: Option<u64>,
+    max_concurrency: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +181,9 @@ struct RawFlags {
     rate_fallback: Option<f64>,
     context_kind: Option<String>,
     context_key: Option<String>,
+    pause_key: Option<String>,
+    concurrency_key: Option<String>,
+    deadline_aware_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +196,9 @@ struct RawLaunchDarkly {
     poll_interval_secs: Option<u64>,
     startup_wait_ms: Option<u64>,
     state_file: Option<PathBuf>,
+    events: Option<bool>,
+    events_uri: Option<String>,
+    events_flush_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -389,8 +396,11 @@ pub struct WorkerConfig {
     pub ledger_file: Option<PathBuf>,
     /// How the work time of jobs without `x-work-ms` is learned.
     pub estimate: EstimateSettings,
-    /// Job types that get their own estimate; the rest share one.
+    /// Job types that get their own estimate and skip rate; the rest share one.
     pub max_job_types: usize,
+    /// The most pool threads the `concurrency` lever flag may ask for; the pool has this many
+    /// threads and runs `concurrency` (or the flag's number) of them at once.
+    pub max_concurrency: usize,
 }
 
 /// What runs a job, and the limits it runs under.
@@ -516,6 +526,13 @@ pub struct FlagsConfig {
     pub context_kind: String,
     /// The context key LaunchDarkly rules and rollouts see; defaults to the host name.
     pub context_key: String,
+    /// The machine's host name: the context's `host` attribute, whatever the key is.
+    pub host: String,
+    /// Optional lever flags (`None`: not watched, the config's value holds): pause the
+    /// worker, resize its pool, turn deadline-aware shedding on or off.
+    pub pause_key: Option<String>,
+    pub concurrency_key: Option<String>,
+    pub deadline_aware_key: Option<String>,
 }
 
 /// LaunchDarkly's streaming and polling endpoints.
@@ -529,6 +546,12 @@ pub struct LaunchDarklyConfig {
     pub poll_interval: Duration,
     pub startup_wait: Duration,
     pub state_file: Option<PathBuf>,
+    /// Send analytics events (flag usage and contexts) as LaunchDarkly's SDKs do.
+    pub events: bool,
+    /// Where events are posted (`{events_uri}/bulk`); a Relay Proxy's address when one is used.
+    pub events_uri: String,
+    /// How often held events are sent.
+    pub events_flush: Duration,
 }
 
 impl fmt::Debug for LaunchDarklyConfig {
@@ -541,6 +564,9 @@ impl fmt::Debug for LaunchDarklyConfig {
             .field("poll_interval", &self.poll_interval)
             .field("startup_wait", &self.startup_wait)
             .field("state_file", &self.state_file)
+            .field("events", &self.events)
+            .field("events_uri", &self.events_uri)
+            .field("events_flush", &self.events_flush)
             .finish()
     }
 }
@@ -767,6 +793,12 @@ impl Config {
             },
             max_job_types: check.range("worker.max_job_types", w.max_job_types, 32, 1..=1024)?
                 as usize,
+            max_concurrency: match w.max_concurrency {
+                None | Some(0) => concurrency as usize,
+                Some(n) => {
+                    check.range("worker.max_concurrency", Some(n), 0, concurrency..=4096)? as usize
+                }
+            },
         };
         let handler = check.handler(raw.handler)?;
 
@@ -829,6 +861,14 @@ impl Config {
                 None if surroundings.host_name.is_empty() => "localhost".to_owned(),
                 None => surroundings.host_name.clone(),
             },
+            host: match surroundings.host_name.as_str() {
+                "" => "localhost".to_owned(),
+                name => name.to_owned(),
+            },
+            pause_key: check.optional_name("flags.pause_key", f.pause_key)?,
+            concurrency_key: check.optional_name("flags.concurrency_key", f.concurrency_key)?,
+            deadline_aware_key: check
+                .optional_name("flags.deadline_aware_key", f.deadline_aware_key)?,
         };
         if flags.context_kind == "multi" || flags.context_kind == "kind" {
             return Err(check.invalid(
@@ -867,6 +907,18 @@ impl Config {
                 0..=600_000,
             )?),
             state_file: path_or_default(l.state_file, DEFAULT_STATE_FILE),
+            events: l.events.unwrap_or(true),
+            events_uri: check.http_uri(
+                "launchdarkly.events_uri",
+                l.events_uri,
+                "https://events.launchdarkly.com",
+            )?,
+            events_flush: Duration::from_millis(check.range(
+                "launchdarkly.events_flush_ms",
+                l.events_flush_ms,
+                5_000,
+                100..=3_600_000,
+            )?),
         };
 
         let lg = raw.log;
@@ -1082,6 +1134,18 @@ impl Checker<'_> {
                 key,
                 format!("expected a number from {min} to {max}, got {value}"),
             ))
+        }
+    }
+
+    /// A flag key that may be left out or empty (the lever is not watched).
+    fn optional_name(
+        &self,
+        key: &'static str,
+        value: Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        match value.filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => self.name(key, Some(v), "").map(Some),
         }
     }
 

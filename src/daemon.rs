@@ -173,9 +173,11 @@ fn run(
         what: "installing signal handlers",
         source,
     })?;
-    let values = Arc::new(FlagValues::new(
+    let values = Arc::new(FlagValues::with_job_types(
         config.flags.skip_rate_fallback,
         config.flags.rate_fallback,
+        // One slot per job type the worker learns, and the shared `(other)`.
+        config.worker.max_job_types + 1,
     ));
     // Listening comes before anything slow (flags, the broker), so that an address that cannot
     // be used stops the daemon at once.
@@ -222,7 +224,7 @@ fn run(
                     }
                     handler
                 }
-                None => handler_for(&config.handler, config.worker.concurrency),
+                None => handler_for(&config.handler, config.worker.max_concurrency),
             };
             if matches!(config.handler.kind, HandlerKind::Exec { .. }) {
                 keep_children_out_of_our_memory();
@@ -316,6 +318,9 @@ pub fn source_settings(config: &Config, role: Role) -> SourceSettings {
         launchdarkly: config.launchdarkly.clone(),
         role: role.as_str(),
         queue: config.broker.queue.clone(),
+        concurrency: config.worker.concurrency,
+        max_concurrency: config.worker.max_concurrency,
+        drop_doomed: config.worker.drop_doomed,
     }
 }
 

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod flags;
+pub mod gate;
 pub mod handler;
 pub mod histogram;
 pub mod job;

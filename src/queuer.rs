@@ -15,8 +15,8 @@ use crate::broker::{self, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::daemon::{self, DaemonError, Role};
-use crate::flags::FlagValues;
 use crate::flags::source::FlagSource;
+use crate::flags::{FlagValues, Tally, Watched};
 use crate::job::{HEADER_CREATED_MS, HEADER_DEADLINE_MS, HEADER_WORK_MS};
 use crate::ledger::QueuerLedger;
 use crate::metrics::QueuerMetrics;
@@ -62,9 +62,12 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
         broker_down: None,
         node: None,
         last_stats: (Instant::now(), 0),
+        rate_uses: Tally::default(),
+        tally_sent: Instant::now(),
     };
     let broker_config = queuer.config.broker.clone();
     let refused = broker::supervise(&broker_config, "taskqueuer", &mut queuer).err();
+    queuer.hand_over_tally();
     log::info!("final role=queuer {}", queuer.ledger);
     match refused {
         Some(e) => Err(DaemonError::Broker(e)),
@@ -72,8 +75,14 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
     }
 }
 
+/// How often counted flag uses are handed to the flag source thread.
+const TALLY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The publisher thread's state, across connections.
 struct Queuer<'e, 'a> {
+    /// Uses of each publish-rate evaluation, one per job sent, for LaunchDarkly's events.
+    rate_uses: Tally,
+    tally_sent: Instant,
     config: Config,
     env: &'e QueuerEnv<'a>,
     publisher: Publisher,
@@ -183,6 +192,14 @@ impl Supervised for Queuer<'_, '_> {
 }
 
 impl Queuer<'_, '_> {
+    /// Hands the publish-rate uses counted since the last time to the flag source thread.
+    fn hand_over_tally(&mut self) {
+        self.tally_sent = Instant::now();
+        if !self.rate_uses.is_empty() {
+            self.env.flags.tally(Watched::Rate, self.rate_uses.take());
+        }
+    }
+
     fn limit_reached(&self) -> bool {
         self.config
             .queuer
@@ -212,6 +229,9 @@ impl Queuer<'_, '_> {
         let mut credit = 0.0_f64;
         let mut last = Instant::now();
         loop {
+            if self.tally_sent.elapsed() >= TALLY_INTERVAL {
+                self.hand_over_tally();
+            }
             if let Some(session) = session {
                 if self.stopping.is_none() {
                     let rate = self.env.values.rate_per_sec();
@@ -224,6 +244,7 @@ impl Queuer<'_, '_> {
                             return SessionEnd::Lost(e.to_string());
                         }
                         self.ledger.sent += 1;
+                        self.rate_uses.count(self.env.values.rate_evaluation());
                         if let Some(metrics) = &self.env.metrics {
                             metrics.sent();
                             if self.config.queuer.confirms {

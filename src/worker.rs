@@ -18,12 +18,13 @@
 
 use crate::ack_window::{AckWindow, Disposition};
 use crate::audit::AuditLog;
-use crate::broker::{self, Session, SessionEnd, Supervised};
+use crate::broker::{self, BrokerError, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
 use crate::config::{Config, ShedAction};
 use crate::daemon::{self, DaemonError, Role};
-use crate::flags::FlagValues;
 use crate::flags::source::FlagSource;
+use crate::flags::{FlagValues, Tally, Watched};
+use crate::gate::Gate;
 use crate::handler::estimate::{TypeSlot, WorkEstimates};
 use crate::handler::{Handler, HandlerError, Job};
 use crate::job::{self, JobDefaults, JobMeta};
@@ -49,6 +50,9 @@ const RETRY_COUNTS_KEPT: usize = 65_536;
 
 /// A quorum queue's count of a job's earlier deliveries.
 const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// How often counted flag uses are handed to the flag source thread.
+const TALLY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A job handed to the pool.
 struct Task {
@@ -133,8 +137,19 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     // connection and the few still running from an old one are ever outstanding, and only the
     // consumer thread, which never blocks on the pool, receives.
     let (done_tx, done_rx) =
-        bounded::<Completion>(usize::from(prefetch) + config.worker.concurrency);
-    let pool = start_pool(config.worker.concurrency, &task_rx, &done_tx, &env.handler)?;
+        bounded::<Completion>(usize::from(prefetch) + config.worker.max_concurrency);
+    let gate = Arc::new(Gate::new(
+        env.values
+            .concurrency()
+            .map_or(config.worker.concurrency, |n| n as usize),
+    ));
+    let pool = start_pool(
+        config.worker.max_concurrency,
+        &gate,
+        &task_rx,
+        &done_tx,
+        &env.handler,
+    )?;
     drop(done_tx);
 
     let audit = config.worker.ledger_file.as_deref().map(AuditLog::open);
@@ -165,10 +180,15 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         estimates,
         retries: RetryCounts::new(RETRY_COUNTS_KEPT),
         retry_later: VecDeque::new(),
+        gate,
+        paused: false,
+        skip_uses: Tally::default(),
+        tally_tick: tick(TALLY_INTERVAL),
     };
     let broker_config = worker.config.broker.clone();
     let refused = broker::supervise(&broker_config, "taskworker", &mut worker).err();
 
+    worker.hand_over_tally();
     let Worker {
         ledger,
         window,
@@ -200,19 +220,21 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
 }
 
 fn start_pool(
-    concurrency: usize,
+    threads: usize,
+    gate: &Arc<Gate>,
     tasks: &Receiver<Task>,
     done: &Sender<Completion>,
     handler: &Arc<dyn Handler>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, DaemonError> {
-    (0..concurrency)
+    (0..threads)
         .map(|i| {
             let tasks = tasks.clone();
             let done = done.clone();
             let handler = Arc::clone(handler);
+            let gate = Arc::clone(gate);
             std::thread::Builder::new()
                 .name(format!("pool-{i}"))
-                .spawn(move || pool_thread(&tasks, &done, handler.as_ref()))
+                .spawn(move || pool_thread(&gate, &tasks, &done, handler.as_ref()))
                 .map_err(|e| DaemonError::Io {
                     what: "starting a pool thread",
                     source: e,
@@ -221,9 +243,19 @@ fn start_pool(
         .collect()
 }
 
-/// Takes tasks until the consumer thread drops the sender.
-fn pool_thread(tasks: &Receiver<Task>, done: &Sender<Completion>, handler: &dyn Handler) {
-    for task in tasks {
+/// Takes tasks, as many threads at once as the gate lets through, until the consumer thread
+/// drops the sender.
+fn pool_thread(
+    gate: &Gate,
+    tasks: &Receiver<Task>,
+    done: &Sender<Completion>,
+    handler: &dyn Handler,
+) {
+    loop {
+        let _pass = gate.enter();
+        let Ok(task) = tasks.recv() else {
+            break;
+        };
         let completion = run_task(&task, handler);
         if done.send(completion).is_err() {
             break;
@@ -351,6 +383,26 @@ struct Worker<'e, 'a> {
     /// Jobs to hand back to the queue once their retry delay is over, by delivery tag, in
     /// the order they are due.
     retry_later: VecDeque<(Instant, u64)>,
+    /// How many pool threads run jobs at once (the concurrency lever).
+    gate: Arc<Gate>,
+    /// Whether the pause lever has stopped this consumer; deliveries still arriving go back.
+    paused: bool,
+    /// Uses of each skip-rate evaluation, one per job decided, for LaunchDarkly's events.
+    skip_uses: Tally,
+    tally_tick: Receiver<Instant>,
+}
+
+/// How a run of the loop on a live consumer ends.
+enum PassEnd {
+    Session(SessionEnd),
+    /// The pause lever was lifted after the consumer was cancelled: consume again.
+    Resume,
+}
+
+impl From<SessionEnd> for PassEnd {
+    fn from(end: SessionEnd) -> PassEnd {
+        PassEnd::Session(end)
+    }
 }
 
 impl Supervised for Worker<'_, '_> {
@@ -360,18 +412,14 @@ impl Supervised for Worker<'_, '_> {
             .channel
             .qos(0, self.config.worker.prefetch, false)
             .map_err(|e| session.error("setting prefetch", e))
-            .and_then(|()| {
-                session
-                    .channel
-                    .basic_consume(self.config.broker.queue.clone(), ConsumerOptions::default())
-                    .map_err(|e| session.error("starting the consumer", e))
-            });
-        let consumer = match setup {
+            .and_then(|()| self.consume(session));
+        let mut consumer = match setup {
             Ok(consumer) => consumer,
             Err(e) => return SessionEnd::Failed(e),
         };
         self.generation += 1;
         self.cancelled = false;
+        self.paused = false;
         self.window = AckWindow::new(usize::from(self.config.worker.prefetch));
         self.node = Some(session.node.clone());
         if let Some(metrics) = &self.env.metrics {
@@ -398,7 +446,23 @@ impl Supervised for Worker<'_, '_> {
                 .ready(&format!("consuming from {}", self.config.broker.queue));
             self.ready_sent = true;
         }
-        self.pass(Some(&consumer), None)
+        loop {
+            match self.pass(Some(&consumer), None) {
+                PassEnd::Session(end) => return end,
+                PassEnd::Resume => {
+                    consumer = match self.consume(session) {
+                        Ok(consumer) => consumer,
+                        Err(e) => return SessionEnd::Failed(e),
+                    };
+                    self.cancelled = false;
+                    self.paused = false;
+                    log::info!("resumed: consuming from {:?}", self.config.broker.queue);
+                    self.env
+                        .notifier
+                        .status(&format!("consuming from {}", self.config.broker.queue));
+                }
+            }
+        }
     }
 
     /// The deliveries of a dead connection can no longer be settled; the broker requeues them.
@@ -439,14 +503,18 @@ impl Supervised for Worker<'_, '_> {
     }
 
     fn wait_to_reconnect(&mut self, retry_at: Instant) -> SessionEnd {
-        self.pass(None, Some(retry_at))
+        match self.pass(None, Some(retry_at)) {
+            PassEnd::Session(end) => end,
+            // Only a live consumer is resumed.
+            PassEnd::Resume => SessionEnd::Retry,
+        }
     }
 }
 
 impl Worker<'_, '_> {
     /// One run of the select loop: on a live consumer, or (with `None`) while waiting to
     /// reconnect until `retry_at`.
-    fn pass(&mut self, consumer: Option<&Consumer<'_>>, retry_at: Option<Instant>) -> SessionEnd {
+    fn pass(&mut self, consumer: Option<&Consumer<'_>>, retry_at: Option<Instant>) -> PassEnd {
         let closed = never();
         let watchdog = self
             .env
@@ -458,6 +526,11 @@ impl Worker<'_, '_> {
         // Taken once per pass, not per event: these two never change while the pass runs.
         let done_rx = self.done_rx.clone();
         let signals = self.env.signals.clone();
+        let levers = self.env.flags.levers_changed().clone();
+        let tally_tick = self.tally_tick.clone();
+        if let Some(end) = self.apply_levers(consumer) {
+            return end;
+        }
         loop {
             // Once the broker confirmed the cancel, amiquip closes the delivery channel.
             let deliveries = match consumer {
@@ -477,12 +550,14 @@ impl Worker<'_, '_> {
                     match message {
                         Ok(ConsumerMessage::Delivery(delivery)) => {
                             if let Err(reason) = self.on_delivery(delivery) {
-                                return SessionEnd::Lost(reason);
+                                return SessionEnd::Lost(reason).into();
                             }
                         }
                         Ok(ConsumerMessage::ClientCancelled) => self.cancelled = true,
-                        Ok(other) => return SessionEnd::Lost(format!("consumer ended: {other:?}")),
-                        Err(_) => return SessionEnd::Lost("consumer channel closed".into()),
+                        Ok(other) => {
+                            return SessionEnd::Lost(format!("consumer ended: {other:?}")).into();
+                        }
+                        Err(_) => return SessionEnd::Lost("consumer channel closed".into()).into(),
                     }
                 },
                 recv(done_rx) -> completion => {
@@ -492,12 +567,12 @@ impl Worker<'_, '_> {
                 }
                 recv(signals) -> signal => match signal {
                     Ok(Signal::Stop) if self.draining.is_some() || consumer.is_none() => {
-                        return self.stop_now(consumer, "stopping now");
+                        return self.stop_now(consumer, "stopping now").into();
                     }
                     Ok(Signal::Stop) => {
                         if let Some(consumer) = consumer {
                             if let Err(reason) = self.start_drain(consumer) {
-                                return SessionEnd::Lost(reason);
+                                return SessionEnd::Lost(reason).into();
                             }
                         }
                     }
@@ -512,21 +587,89 @@ impl Worker<'_, '_> {
                 },
                 recv(watchdog) -> _ => self.env.notifier.watchdog(),
                 recv(grace_end) -> _ => {
-                    return self.stop_now(consumer, "drain grace period over");
+                    return self.stop_now(consumer, "drain grace period over").into();
                 },
                 recv(flush_timer) -> _ => {}
                 recv(retry_due) -> _ => self.hand_back_due_retries(false),
-                recv(retry) -> _ => return SessionEnd::Retry,
+                recv(retry) -> _ => return SessionEnd::Retry.into(),
+                recv(levers) -> _ => {
+                    if let Some(end) = self.apply_levers(consumer) {
+                        return end;
+                    }
+                }
+                recv(tally_tick) -> _ => self.hand_over_tally(),
             }
             if let Some(consumer) = consumer {
                 if let Err(reason) = self.maybe_flush(consumer) {
-                    return SessionEnd::Lost(reason);
+                    return SessionEnd::Lost(reason).into();
                 }
             }
             if self.draining.is_some() && self.cancelled && self.window.is_empty() {
-                return SessionEnd::Stop;
+                return SessionEnd::Stop.into();
+            }
+            if self.paused
+                && self.cancelled
+                && self.draining.is_none()
+                && !self.env.values.paused().unwrap_or(false)
+            {
+                return PassEnd::Resume;
             }
         }
+    }
+
+    /// Applies the lever flags: the pool's concurrency, and pausing (cancel the consumer,
+    /// hand unstarted jobs back, let running ones finish and be acked). Lifting a pause is
+    /// done by the loop once the broker has confirmed the cancel.
+    fn apply_levers(&mut self, consumer: Option<&Consumer<'_>>) -> Option<PassEnd> {
+        let limit = self
+            .env
+            .values
+            .concurrency()
+            .map_or(self.config.worker.concurrency, |n| n as usize);
+        if limit != self.gate.limit() {
+            log::info!("running up to {limit} jobs at once");
+            self.gate.set_limit(limit);
+        }
+        let consumer = consumer?;
+        if self.env.values.paused() == Some(true) && !self.paused && self.draining.is_none() {
+            self.paused = true;
+            log::info!(
+                "paused by flag: taking no new jobs; {} held jobs are finished or handed back",
+                self.window.held()
+            );
+            self.env.notifier.status("paused by flag");
+            if let Err(e) = consumer.cancel() {
+                return Some(SessionEnd::Lost(format!("cancelling the consumer: {e}")).into());
+            }
+            self.hand_back_unstarted();
+            if let Err(reason) = self.flush(consumer) {
+                return Some(SessionEnd::Lost(reason).into());
+            }
+        }
+        None
+    }
+
+    /// Unstarted jobs go back to the queue (drain, pause).
+    fn hand_back_unstarted(&mut self) {
+        while let Ok(task) = self.task_rx.try_recv() {
+            self.window.decide(task.tag, Outcome::Requeued);
+        }
+    }
+
+    /// Hands the skip-rate uses counted since the last time to the flag source thread.
+    fn hand_over_tally(&mut self) {
+        if !self.skip_uses.is_empty() {
+            self.env
+                .flags
+                .tally(Watched::SkipRate, self.skip_uses.take());
+        }
+    }
+
+    fn consume<'s>(&self, session: &'s Session) -> Result<Consumer<'s>, BrokerError> {
+        session
+            .channel
+            .basic_consume(self.config.broker.queue.clone(), ConsumerOptions::default())
+            .map_err(|e| session.error("starting the consumer", e))
     }
 
     fn on_delivery(&mut self, mut delivery: Delivery) -> Result<(), String> {
@@ -536,10 +679,16 @@ impl Worker<'_, '_> {
         }
         let tag = delivery.delivery_tag();
         // Resolved for every delivery, so that metrics count it under its type when settled.
-        let slot = self
-            .estimates
-            .slot(delivery.properties.type_().as_deref().unwrap_or(""));
-        if self.draining.is_some() {
+        let job_type = delivery.properties.type_().as_deref().unwrap_or("");
+        let known = self.estimates.type_count();
+        let slot = self.estimates.slot(job_type);
+        if self.estimates.type_count() > known && !self.estimates.is_shared(slot) {
+            // A new type with a slot of its own: its skip rate can now be evaluated.
+            if !job_type.is_empty() {
+                self.env.flags.job_type_seen(slot.index(), job_type);
+            }
+        }
+        if self.draining.is_some() || self.paused {
             self.window.hold(tag, (delivery, slot));
             self.window.decide(tag, Outcome::Requeued);
             return Ok(());
@@ -564,7 +713,14 @@ impl Worker<'_, '_> {
         } else {
             self.estimates.budget_ms(slot, self.policy.defaults.work_ms)
         };
-        let skip_ppm = self.env.values.skip_ppm();
+        let skip = self.env.values.skip_for(slot.index());
+        self.skip_uses.count(skip.id());
+        let skip_ppm = skip.value();
+        let drop_doomed = self
+            .env
+            .values
+            .deadline_aware()
+            .unwrap_or(self.policy.drop_doomed);
         let mut verdict = shed::at_receipt(
             &JobMeta {
                 work_ms: budget_ms,
@@ -572,7 +728,7 @@ impl Worker<'_, '_> {
             },
             now,
             skip_ppm,
-            self.policy.drop_doomed,
+            drop_doomed,
         );
         if verdict == Verdict::Doomed
             && !meta.work_declared
@@ -581,7 +737,7 @@ impl Worker<'_, '_> {
             // A probe: the estimate has kept this type out for long; see if it still holds.
             budget_ms = 0;
             let unbudgeted = JobMeta { work_ms: 0, ..meta };
-            verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, self.policy.drop_doomed);
+            verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, drop_doomed);
         }
         match verdict {
             Verdict::Run => {
@@ -595,7 +751,7 @@ impl Worker<'_, '_> {
                     meta,
                     budget_ms,
                     slot,
-                    drop_doomed: self.policy.drop_doomed,
+                    drop_doomed,
                     enforce_deadline: self.policy.enforce_deadline,
                     properties,
                     redelivered,
@@ -805,13 +961,14 @@ impl Worker<'_, '_> {
             grace.as_millis()
         );
         self.draining = Some(Instant::now() + grace);
-        consumer
-            .cancel()
-            .map_err(|e| format!("cancelling the consumer: {e}"))?;
-        self.hand_back_due_retries(true);
-        while let Ok(task) = self.task_rx.try_recv() {
-            self.window.decide(task.tag, Outcome::Requeued);
+        if !self.paused {
+            // A paused consumer is already cancelled.
+            consumer
+                .cancel()
+                .map_err(|e| format!("cancelling the consumer: {e}"))?;
         }
+        self.hand_back_due_retries(true);
+        self.hand_back_unstarted();
         self.flush(consumer)
     }
 
@@ -865,6 +1022,29 @@ impl Worker<'_, '_> {
         ));
         self.estimates
             .write_fields(&mut line, self.policy.defaults.work_ms);
+        // The types whose skip rate is their own (a flag rule on the job context).
+        let own: Vec<String> = self
+            .estimates
+            .names()
+            .filter_map(|(slot, name)| {
+                let rate = self.env.values.type_skip_rate(slot)?;
+                Some(format!("{name}:{rate}"))
+            })
+            .collect();
+        if !own.is_empty() {
+            line.push_str(&format!(" skip_rate_by_type={}", own.join(",")));
+        }
+        line.push_str(&format!(
+            " paused={} concurrency={} deadline_aware={}",
+            u8::from(self.paused),
+            self.gate.limit(),
+            u8::from(
+                self.env
+                    .values
+                    .deadline_aware()
+                    .unwrap_or(self.policy.drop_doomed)
+            )
+        ));
         line
     }
 }

@@ -146,6 +146,7 @@ fn no_log_level_shows_a_secret() {
         .set("launchdarkly", "startup_wait_ms", "0")
         .set("launchdarkly", "stream_uri", "\"http://127.0.0.1:9\"")
         .set("launchdarkly", "base_uri", "\"http://127.0.0.1:9\"")
+        .set("launchdarkly", "events_uri", "\"http://127.0.0.1:9\"")
         .set("flags", "rate_fallback", "200")
         .set("queuer", "max_jobs", "50")
         .set("queuer", "work_ms", "0")

@@ -78,6 +78,7 @@ impl Scenario {
                     .set("launchdarkly", "sdk_key", "\"sdk-chaos-key\"")
                     .set("launchdarkly", "stream_uri", &toml_str(uri))
                     .set("launchdarkly", "base_uri", &toml_str(uri))
+                    .set("launchdarkly", "events_uri", &toml_str(uri))
                     .set("launchdarkly", "startup_wait_ms", "2000")
                     .set(
                         "launchdarkly",

@@ -361,6 +361,7 @@ fn the_child_sees_the_jobs_facts_and_none_of_the_daemons_environment() {
         .set("launchdarkly", "startup_wait_ms", "0")
         .set("launchdarkly", "stream_uri", "\"http://127.0.0.1:9\"")
         .set("launchdarkly", "base_uri", "\"http://127.0.0.1:9\"")
+        .set("launchdarkly", "events_uri", "\"http://127.0.0.1:9\"")
         .write(&dir, "flagshed.toml");
     let secret = "sdk-test-secret-never-in-a-child";
     let creds = dir.path().join("creds");

@@ -5,7 +5,7 @@
 mod support;
 
 use flagshed::config::Config;
-use flagshed::flags::source::{FlagSource, SourceSettings};
+use flagshed::flags::source::FlagSource;
 use flagshed::flags::{FlagValues, Origin};
 use std::path::Path;
 use std::sync::Arc;
@@ -21,13 +21,9 @@ fn start(file: &Path, context_key: &str) -> (FlagSource, Arc<FlagValues>) {
         file.display().to_string()
     );
     let config = Config::parse(Path::new("flag-file-test.toml"), &text).expect("valid config");
-    let values = Arc::new(FlagValues::new(1.0, 1.0));
-    let settings = SourceSettings {
-        flags: config.flags,
-        launchdarkly: config.launchdarkly,
-        role: "worker",
-        queue: "jobs".into(),
-    };
+    let values = Arc::new(FlagValues::with_job_types(1.0, 1.0, 4));
+    let mut settings = flagshed::daemon::source_settings(&config, flagshed::daemon::Role::Worker);
+    settings.queue = "jobs".into();
     let source = FlagSource::spawn(settings, Arc::clone(&values)).expect("spawn flag source");
     (source, values)
 }

@@ -37,6 +37,7 @@ fn a_patch_from_launchdarkly_changes_the_skip_share_and_survives_a_restart() {
         .set("worker", "prefetch", "50")
         .set("launchdarkly", "stream_uri", &toml_str(&fake.uri()))
         .set("launchdarkly", "base_uri", &toml_str(&fake.uri()))
+        .set("launchdarkly", "events_uri", &toml_str(&fake.uri()))
         .set("launchdarkly", "startup_wait_ms", "1500")
         .set(
             "launchdarkly",

@@ -105,17 +105,15 @@ fn source_settings(
         sdk_key = "{SDK_KEY}"
         stream_uri = "{stream_uri}"
         base_uri = "{stream_uri}"
+        events_uri = "{stream_uri}"
         startup_wait_ms = 5000
         state_file = "{state_file}"
         "#
     );
     let config = Config::parse(Path::new("launchdarkly-test.toml"), &text).expect("valid config");
-    SourceSettings {
-        flags: config.flags,
-        launchdarkly: config.launchdarkly,
-        role: "worker",
-        queue: queue.into(),
-    }
+    let mut settings = flagshed::daemon::source_settings(&config, flagshed::daemon::Role::Worker);
+    settings.queue = queue.into();
+    settings
 }
 
 fn start_source(settings: SourceSettings) -> (FlagSource, Arc<FlagValues>) {

@@ -12,7 +12,7 @@
 //! handful of levels.
 
 use super::store::FlagStore;
-use launchdarkly_server_sdk_evaluation::{Context, Store, evaluate};
+use launchdarkly_server_sdk_evaluation::{Context, FlagValue, Store, evaluate};
 use std::collections::HashMap;
 
 /// The longest chain of prerequisites and nested segments accepted below a flag.
@@ -31,22 +31,80 @@ pub enum Evaluated {
     Bad(String),
 }
 
+/// What evaluating a flag gave, before it is read as a number or a boolean.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Value(FlagValue),
+    /// The flag does not exist (never defined, or deleted): the fallback applies.
+    Missing,
+    /// The flag exists but gives no value; says why, for a warning.
+    Bad(String),
+}
+
+/// A flag's evaluation for one context, with what LaunchDarkly's analytics events report
+/// about it (which variation of which version of the flag).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    pub outcome: Outcome,
+    pub variation: Option<usize>,
+    pub version: Option<u64>,
+}
+
 /// Evaluates flag `key` for `context`.
-pub fn evaluate_number(store: &FlagStore, key: &str, context: &Context) -> Evaluated {
+pub fn evaluate_flag(store: &FlagStore, key: &str, context: &Context) -> Evaluation {
     let Some(flag) = store.flag(key) else {
-        return Evaluated::Missing;
+        return Evaluation {
+            outcome: Outcome::Missing,
+            variation: None,
+            version: None,
+        };
     };
+    let version = Some(flag.version);
     if let Err(why) = check_depth(store, key) {
-        return Evaluated::Bad(why);
+        return Evaluation {
+            outcome: Outcome::Bad(why),
+            variation: None,
+            version,
+        };
     }
     let detail = evaluate(store, &flag, context, None);
-    match detail.value {
-        Some(value) => match value.as_float() {
-            Some(number) => Evaluated::Number(number),
-            None => Evaluated::Bad(format!("value {value:?} is not a number")),
+    Evaluation {
+        outcome: match detail.value {
+            Some(value) => Outcome::Value(value.clone()),
+            None => Outcome::Bad(format!("evaluation gave no value ({:?})", detail.reason)),
         },
-        None => Evaluated::Bad(format!("evaluation gave no value ({:?})", detail.reason)),
+        variation: detail.variation_index.and_then(|i| usize::try_from(i).ok()),
+        version,
     }
+}
+
+/// Evaluates flag `key` for `context` as a number.
+pub fn evaluate_number(store: &FlagStore, key: &str, context: &Context) -> Evaluated {
+    match evaluate_flag(store, key, context).outcome {
+        Outcome::Value(value) => match value.as_float() {
+            Some(number) => Evaluated::Number(number),
+            None => Evaluated::Bad(format!("value {} is not a number", describe(&value))),
+        },
+        Outcome::Missing => Evaluated::Missing,
+        Outcome::Bad(why) => Evaluated::Bad(why),
+    }
+}
+
+/// The longest description of a flag value put in a log line: a value of the wrong type can
+/// be megabytes of JSON.
+const DESCRIBE_MAX: usize = 80;
+
+/// A flag value as JSON for a log line, cut short when long.
+pub fn describe(value: &FlagValue) -> String {
+    let text = serde_json::to_string(value).unwrap_or_else(|_| "(unprintable)".to_owned());
+    if text.len() <= DESCRIBE_MAX {
+        return text;
+    }
+    let mut end = DESCRIBE_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -158,6 +216,15 @@ mod tests {
     use crate::flags::store::{AllData, DataEvent};
     use launchdarkly_server_sdk_evaluation::ContextBuilder;
     use serde_json::json;
+
+    #[test]
+    fn a_long_value_is_described_short() {
+        let value = FlagValue::Str("x".repeat(1_000_000));
+        let text = describe(&value);
+        assert!(text.len() < 120, "{}", text.len());
+        assert!(text.ends_with("(1000002 bytes)"), "{text}");
+        assert_eq!(describe(&FlagValue::Bool(true)), "true");
+    }
 
     fn flag(key: &str, prerequisites: &[&str]) -> serde_json::Value {
         json!({"key": key, "version": 1, "on": true, "variations": [0, 7], "offVariation": 0,

@@ -119,6 +119,11 @@ impl WorkEstimates {
         }
     }
 
+    /// Whether `slot` is the one shared by the types past `max_types`.
+    pub fn is_shared(&self, slot: TypeSlot) -> bool {
+        self.other == Some(slot)
+    }
+
     fn push(&mut self, name: String) -> TypeSlot {
         self.names.push(name);
         self.estimators.push(Estimator::new());
@@ -163,6 +168,11 @@ impl WorkEstimates {
     /// Slots learned so far.
     pub fn type_count(&self) -> usize {
         self.names.len()
+    }
+
+    /// The types by slot index and display name, in the order they were first seen.
+    pub fn names(&self) -> impl Iterator<Item = (usize, &str)> + '_ {
+        self.names.iter().enumerate().map(|(i, n)| (i, n.as_str()))
     }
 
     /// Each slot's type, as the stats line shows it, and its budget in ms, by slot number.

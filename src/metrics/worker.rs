@@ -273,16 +273,42 @@ impl Scrape for Shared {
                 estimate.load(Relaxed) as f64 / 1_000.0,
             );
         }
+        text.family(
+            "flagshed_job_type_skip_rate_ratio",
+            Kind::Gauge,
+            "The skip-rate flag for a job type whose multi-context (service and job) has a value of its own; types without one follow flagshed_skip_rate_ratio.",
+        );
+        for (slot, job_type) in types.iter().enumerate() {
+            if let Some(rate) = self.values.type_skip_rate(slot) {
+                text.float(
+                    "flagshed_job_type_skip_rate_ratio",
+                    &[("type", job_type)],
+                    rate / 100.0,
+                );
+            }
+        }
         drop(types);
+        text.family(
+            "flagshed_worker_paused",
+            Kind::Gauge,
+            "1 while the pause flag holds the worker (no new jobs taken), else 0.",
+        );
+        text.int(
+            "flagshed_worker_paused",
+            &[],
+            u64::from(self.values.paused().unwrap_or(false)),
+        );
         text.family(
             "flagshed_worker_pool_threads",
             Kind::Gauge,
-            "Pool threads that run handlers (worker.concurrency).",
+            "Pool threads that may run handlers at once (worker.concurrency, or the concurrency flag).",
         );
         text.int(
             "flagshed_worker_pool_threads",
             &[],
-            self.pool_threads as u64,
+            self.values
+                .concurrency()
+                .map_or(self.pool_threads as u64, u64::from),
         );
         self.broker.render(text);
         common::render_flags(text, &self.values, true);
