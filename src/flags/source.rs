@@ -393,6 +393,9 @@ impl SourceThread {
     }
 
     fn apply_remote(&mut self, event: DataEvent) {
+        if let DataEvent::Put(all) = &event {
+            warn_unusable(all);
+        }
         let initial = matches!(event, DataEvent::Put(_));
         if self.store.apply(event) || initial {
             self.values.set_origin(Origin::Live);
@@ -808,6 +811,22 @@ impl SourceThread {
             })
             .collect();
         events.record(batch);
+    }
+}
+
+/// Warns about each item of a data set that did not parse (the store keeps what it held).
+fn warn_unusable(all: &AllData) {
+    for (item, why) in &all.unusable {
+        let mut why = why.clone();
+        if why.len() > 200 {
+            let mut end = 200;
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            why.truncate(end);
+            why.push_str("...");
+        }
+        log::warn!("flag data: {item} is not usable ({why}); keeping what was held for it");
     }
 }
 

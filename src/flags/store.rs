@@ -17,12 +17,52 @@ enum Slot<T> {
 }
 
 /// A complete data set, as a LaunchDarkly `put` or a flag file delivers it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+///
+/// Read item by item: one flag or segment that does not parse (a missing field, a value of
+/// the wrong type) is listed in `unusable` rather than failing the whole data set, so one bad
+/// flag cannot take every other flag down with it. The store keeps what it held for an
+/// unusable item.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct AllData {
-    #[serde(default)]
     pub flags: HashMap<String, Flag>,
-    #[serde(default)]
     pub segments: HashMap<String, Segment>,
+    /// Items that did not parse: (`flags/key` or `segments/key`, why).
+    #[serde(skip)]
+    pub unusable: Vec<(String, String)>,
+}
+
+impl<'de> Deserialize<'de> for AllData {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<AllData, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            flags: HashMap<String, serde_json::Value>,
+            #[serde(default)]
+            segments: HashMap<String, serde_json::Value>,
+        }
+        let raw = Raw::deserialize(deserializer)?;
+        let mut all = AllData::default();
+        for (key, value) in raw.flags {
+            match serde_json::from_value::<Flag>(value) {
+                Ok(flag) => {
+                    all.flags.insert(key, flag);
+                }
+                Err(e) => all.unusable.push((format!("flags/{key}"), e.to_string())),
+            }
+        }
+        for (key, value) in raw.segments {
+            match serde_json::from_value::<Segment>(value) {
+                Ok(segment) => {
+                    all.segments.insert(key, segment);
+                }
+                Err(e) => all
+                    .unusable
+                    .push((format!("segments/{key}"), e.to_string())),
+            }
+        }
+        all.unusable.sort();
+        Ok(all)
+    }
 }
 
 /// One change to the data set, from any source.
@@ -60,16 +100,30 @@ impl FlagStore {
     pub fn apply(&mut self, event: DataEvent) -> bool {
         match event {
             DataEvent::Put(all) => {
-                self.flags = all
+                let mut flags: HashMap<String, Slot<Flag>> = all
                     .flags
                     .into_iter()
                     .map(|(k, f)| (k, Slot::Live(f)))
                     .collect();
-                self.segments = all
+                let mut segments: HashMap<String, Slot<Segment>> = all
                     .segments
                     .into_iter()
                     .map(|(k, s)| (k, Slot::Live(s)))
                     .collect();
+                // What was held for an item that did not parse is kept.
+                for (item, _) in &all.unusable {
+                    if let Some(key) = item.strip_prefix("flags/") {
+                        if let Some(held) = self.flags.remove(key) {
+                            flags.insert(key.to_owned(), held);
+                        }
+                    } else if let Some(key) = item.strip_prefix("segments/") {
+                        if let Some(held) = self.segments.remove(key) {
+                            segments.insert(key.to_owned(), held);
+                        }
+                    }
+                }
+                self.flags = flags;
+                self.segments = segments;
                 true
             }
             DataEvent::PatchFlag(flag) => {
@@ -112,6 +166,7 @@ impl FlagStore {
     /// `put` re-syncs everything).
     pub fn snapshot(&self) -> AllData {
         AllData {
+            unusable: Vec::new(),
             flags: self
                 .flags
                 .iter()
@@ -204,5 +259,36 @@ mod tests {
         assert_eq!(value_of(&store, "old"), None);
         assert_eq!(value_of(&store, "new"), Some(1));
         assert_eq!(store.snapshot().flags.len(), 1);
+    }
+
+    #[test]
+    fn one_unusable_flag_in_a_put_keeps_its_held_version_and_spares_the_rest() {
+        let mut store = FlagStore::default();
+        store.apply(DataEvent::PatchFlag(Box::new(flag("bad", 3, 1.0))));
+        let body = serde_json::json!({
+            "flags": {
+                "good": {"key": "good", "version": 2, "on": true, "variations": [5],
+                         "fallthrough": {"variation": 0}, "offVariation": 0, "salt": "s",
+                         "targets": [], "rules": [], "prerequisites": []},
+                // A rule without `trackEvents`, which the evaluation crate requires.
+                "bad": {"key": "bad", "version": 4, "on": true, "variations": [7],
+                        "fallthrough": {"variation": 0}, "offVariation": 0, "salt": "s",
+                        "targets": [], "prerequisites": [],
+                        "rules": [{"id": "r", "variation": 0, "clauses": []}]},
+                "never-held": {"key": "never-held", "version": "one"}
+            }
+        });
+        let all: AllData = serde_json::from_value(body).expect("the data set as a whole parses");
+        assert_eq!(
+            all.unusable
+                .iter()
+                .map(|(item, _)| item.as_str())
+                .collect::<Vec<_>>(),
+            ["flags/bad", "flags/never-held"]
+        );
+        store.apply(DataEvent::Put(all));
+        assert_eq!(value_of(&store, "good"), Some(2));
+        assert_eq!(value_of(&store, "bad"), Some(3), "the held version stays");
+        assert_eq!(value_of(&store, "never-held"), None);
     }
 }
