@@ -4,7 +4,12 @@
 //!   ([`FlagValues::skip_ppm`]) and decide ([`shed::at_receipt`]);
 //! - parse: read a job's timing from typical AMQP properties ([`job::parse`]; it hashes the id
 //!   too);
-//! - parse + decide: both, as the consumer thread runs them per delivery.
+//! - parse + decide: both, as the consumer thread runs them per delivery;
+//! - per job type: the decision as the worker makes it when jobs carry types and the skip
+//!   rate has a value per type: find the type's slot ([`WorkEstimates::slot`], a hash map
+//!   lookup of the `type` property), load the type's skip rate ([`FlagValues::skip_for`]),
+//!   count the use for LaunchDarkly's events ([`Tally::count`]) and decide. Against the first
+//!   row, the ratio says what per-type flags add.
 //!
 //! Each is timed in several runs of many iterations; the median run is reported, with the
 //! fastest and slowest. Inputs go through `black_box` and vary per iteration (1,024 ids and
@@ -13,7 +18,8 @@
 //! `cargo bench --bench decision [-- --quick]`.
 
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
-use flagshed::flags::FlagValues;
+use flagshed::flags::{FlagValues, Tally};
+use flagshed::handler::estimate::{EstimateSettings, WorkEstimates};
 use flagshed::job::{self, JobDefaults, JobMeta};
 use flagshed::shed::{self, Verdict};
 use std::hint::black_box;
@@ -122,6 +128,62 @@ fn main() {
             Err(_) => 0,
         }
     });
+    // Four types, three with a skip rate of their own (as a rule on the job context gives).
+    let typed = FlagValues::with_job_types(30.0, 1.0, 33);
+    let type_names = ["thumbnail", "payment", "report", "email"];
+    let mut estimates = WorkEstimates::new(
+        EstimateSettings {
+            quantile: 0.99,
+            half_life_jobs: 100,
+            min_jobs: 20,
+        },
+        32,
+    );
+    for (n, name) in type_names.iter().enumerate().take(3) {
+        let slot = estimates.slot(name);
+        typed.set_type_skip_rate(slot.index(), Some((n as u32 + 1, 10.0 * n as f64)));
+    }
+    let job_types: Vec<&str> = (0..INPUTS).map(|i| type_names[i % 4]).collect();
+    let mut tally = Tally::default();
+    let per_type = time_runs(runs, iterations, |i| {
+        let k = (i & mask) as usize;
+        let meta = JobMeta {
+            id_hash: job::hash_id(black_box(ids[k].as_bytes())),
+            ..metas[k]
+        };
+        let slot = estimates.slot(black_box(job_types[k]));
+        let skip = black_box(&typed).skip_for(slot.index());
+        tally.count(skip.id());
+        verdict_code(shed::at_receipt(
+            black_box(&meta),
+            black_box(now_ms + (i & 1023)),
+            skip.value(),
+            black_box(true),
+        ))
+    });
+    black_box(tally.take());
+    // The same with the slot found beforehand: what the per-type value and the count add on
+    // their own (the worker finds the slot per delivery anyway, for its work estimates).
+    let slots: Vec<usize> = job_types
+        .iter()
+        .map(|t| estimates.slot(t).index())
+        .collect();
+    let per_type_value = time_runs(runs, iterations, |i| {
+        let k = (i & mask) as usize;
+        let meta = JobMeta {
+            id_hash: job::hash_id(black_box(ids[k].as_bytes())),
+            ..metas[k]
+        };
+        let skip = black_box(&typed).skip_for(black_box(slots[k]));
+        tally.count(skip.id());
+        verdict_code(shed::at_receipt(
+            black_box(&meta),
+            black_box(now_ms + (i & 1023)),
+            skip.value(),
+            black_box(true),
+        ))
+    });
+    black_box(tally.take());
     let both = time_runs(runs, iterations / 4, |i| {
         let k = (i & mask) as usize;
         let now = black_box(now_ms + (i & 1023));
@@ -141,19 +203,27 @@ fn main() {
         iterations / 4
     );
     println!(
-        "{:<44} {:>8} {:>8} {:>8}",
+        "{:<48} {:>8} {:>8} {:>8}",
         "what", "median", "fastest", "slowest"
     );
     for (what, ns) in [
         ("decision: hash_id + skip_ppm + at_receipt", &decision),
         ("job::parse (typical taskqueuer properties)", &parse),
         ("parse + decision (per delivery)", &both),
+        ("decision per job type: slot + skip_for + tally", &per_type),
+        ("  the same, slot found beforehand", &per_type_value),
     ] {
         println!(
-            "{what:<44} {:>8.1} {:>8.1} {:>8.1}",
+            "{what:<48} {:>8.1} {:>8.1} {:>8.1}",
             ns[ns.len() / 2],
             ns[0],
             ns[ns.len() - 1]
         );
     }
+    let median = |ns: &[f64]| ns[ns.len() / 2];
+    println!(
+        "per-type decision / service-wide decision: {:.2} (slot found beforehand: {:.2})",
+        median(&per_type) / median(&decision),
+        median(&per_type_value) / median(&decision)
+    );
 }

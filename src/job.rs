@@ -160,16 +160,24 @@ fn type_name(value: &AmqpValue) -> &'static str {
 /// FNV-1a over the id, then a 64-bit finalizer: FNV alone leaves the low bits of similar ids
 /// (`job-1`, `job-2`, ...) correlated, and the skip decision needs them uniform.
 pub fn hash_id(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    mix64(fnv1a(FNV_OFFSET, bytes))
+}
+
+/// FNV-1a's starting state.
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `bytes`, continuing from `hash`.
+#[inline]
+pub(crate) fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    mix64(hash)
+    hash
 }
 
 /// splitmix64's finalizer: spreads every input bit over the output.
-fn mix64(mut x: u64) -> u64 {
+pub(crate) fn mix64(mut x: u64) -> u64 {
     x ^= x >> 30;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 27;

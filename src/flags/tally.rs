@@ -6,50 +6,60 @@
 //! and an increment on memory only that thread touches. Now and then the counts are handed
 //! to the flag source thread, which knows what each id stands for.
 
+/// Ids below this are counted in a plain array indexed by id; ids are handed out one by one
+/// as flag values change, so a daemon stays below it unless its flags change thousands of
+/// times.
+const DENSE_IDS: usize = 4_096;
+
 /// Uses per evaluation id since the last [`Tally::take`].
 #[derive(Debug, Default)]
 pub struct Tally {
-    counts: Vec<(u32, u64)>,
-    /// Index of the entry counted last: the same evaluation serves long runs of jobs.
-    last: usize,
+    /// Counts by id, for ids below [`DENSE_IDS`]; grown to the highest id seen.
+    dense: Vec<u64>,
+    /// Counts for higher ids.
+    sparse: Vec<(u32, u64)>,
 }
 
 impl Tally {
     /// Counts one use of evaluation `id`.
     #[inline]
     pub fn count(&mut self, id: u32) {
-        if let Some((last_id, n)) = self.counts.get_mut(self.last) {
-            if *last_id == id {
-                *n += 1;
-                return;
-            }
+        match self.dense.get_mut(id as usize) {
+            Some(n) => *n += 1,
+            None => self.count_other(id),
         }
-        self.count_other(id);
     }
 
     #[cold]
     fn count_other(&mut self, id: u32) {
-        match self.counts.iter().position(|&(i, _)| i == id) {
-            Some(index) => {
-                self.counts[index].1 += 1;
-                self.last = index;
-            }
-            None => {
-                self.counts.push((id, 1));
-                self.last = self.counts.len() - 1;
-            }
+        let index = id as usize;
+        if index < DENSE_IDS {
+            self.dense.resize(index + 1, 0);
+            self.dense[index] += 1;
+            return;
+        }
+        match self.sparse.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, n)) => *n += 1,
+            None => self.sparse.push((id, 1)),
         }
     }
 
     /// Whether nothing has been counted since the last take.
     pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
+        self.sparse.is_empty() && self.dense.iter().all(|&n| n == 0)
     }
 
     /// The counts so far, leaving the tally empty.
     pub fn take(&mut self) -> Vec<(u32, u64)> {
-        self.last = 0;
-        std::mem::take(&mut self.counts)
+        let mut counts: Vec<(u32, u64)> = self
+            .dense
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(id, n)| (id as u32, std::mem::take(n)))
+            .collect();
+        counts.append(&mut self.sparse);
+        counts
     }
 }
 
@@ -60,12 +70,12 @@ mod tests {
     #[test]
     fn counts_each_evaluation_apart() {
         let mut tally = Tally::default();
-        for id in [3, 3, 3, 5, 3, 5, 0] {
+        for id in [3, 3, 3, 5, 3, 5, 0, 9_000, 9_000] {
             tally.count(id);
         }
         let mut counts = tally.take();
         counts.sort_unstable();
-        assert_eq!(counts, vec![(0, 1), (3, 4), (5, 2)]);
+        assert_eq!(counts, vec![(0, 1), (3, 4), (5, 2), (9_000, 2)]);
         assert!(tally.is_empty());
         tally.count(5);
         assert_eq!(tally.take(), vec![(5, 1)]);
