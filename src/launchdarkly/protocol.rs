@@ -266,10 +266,6 @@ mod tests {
         for (name, data) in [
             ("put", "{"),
             ("put", "{\"path\":\"/\"}"),
-            (
-                "put",
-                "{\"path\":\"/\",\"data\":{\"flags\":{\"a\":{\"key\":1}}}}",
-            ),
             ("patch", "[]"),
             (
                 "patch",
@@ -283,6 +279,19 @@ mod tests {
                 matches!(stream_event(name, data), Err(ProtocolError::Body { .. })),
                 "{name} {data}"
             );
+        }
+    }
+
+    #[test]
+    fn a_put_with_an_unusable_flag_is_applied_without_it() {
+        let data = "{\"path\":\"/\",\"data\":{\"flags\":{\"a\":{\"key\":1}}}}";
+        match stream_event("put", data) {
+            Ok(Some(DataEvent::Put(all))) => {
+                assert!(all.flags.is_empty());
+                assert_eq!(all.unusable.len(), 1);
+                assert_eq!(all.unusable[0].0, "flags/a");
+            }
+            other => panic!("unexpected {other:?}"),
         }
     }
 
