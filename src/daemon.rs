@@ -371,6 +371,7 @@ fn keep_restart_only_settings(current: &Config, mut new: Config) -> Config {
     }
     keep!(
         "worker.concurrency" => worker.concurrency,
+        "worker.max_concurrency" => worker.max_concurrency,
         "worker.prefetch" => worker.prefetch,
         "worker.ledger_file" => worker.ledger_file,
         "worker.max_job_types" => worker.max_job_types,
