@@ -7,6 +7,7 @@
 
 use crate::broker_address::BrokerAddress;
 pub use crate::handler::estimate::EstimateSettings;
+use crate::launchdarkly::proxy::{ProxyEnv, ProxyError, ProxyRules};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,6 +49,9 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// A proxy variable in the environment (`https_proxy`, ...) is unusable while LaunchDarkly
+    /// is used; the message names the variable, never its value.
+    Proxy(ProxyError),
 }
 
 impl fmt::Display for ConfigError {
@@ -68,6 +72,7 @@ impl fmt::Display for ConfigError {
             ConfigError::Invalid { path, key, message } => {
                 write!(f, "{}: key `{key}`: {message}", path.display())
             }
+            ConfigError::Proxy(error) => write!(f, "{error}"),
         }
     }
 }
@@ -243,6 +248,9 @@ impl Config {
             .map(|a| a.password().to_owned())
             .collect();
         secrets.extend(self.launchdarkly.sdk_key.clone());
+        if let Some(proxy) = &self.launchdarkly.proxy {
+            secrets.extend(proxy.secrets());
+        }
         if let HandlerKind::Http { url, .. } = &self.handler.kind {
             if let Some(password) = url::Url::parse(url)
                 .ok()
@@ -257,7 +265,8 @@ impl Config {
 
 /// What a daemon takes from outside its config file, read once at startup
 /// ([`Surroundings::read`]): the SDK key from `LAUNCHDARKLY_SDK_KEY` or the `sdk-key`
-/// credential, the broker password from the `broker-password` credential, and the host name.
+/// credential, the broker password from the `broker-password` credential, the host name, and
+/// the proxy variables for LaunchDarkly's connections.
 /// Parsing a config never reads the environment itself, so a test's result does not depend
 /// on the shell that runs it.
 #[derive(Clone, Default, PartialEq)]
@@ -266,6 +275,8 @@ pub struct Surroundings {
     pub broker_password: Option<String>,
     /// The default `flags.context_key`; empty reads as `localhost`.
     pub host_name: String,
+    /// `https_proxy`, `no_proxy` and the rest, unchecked (see [`crate::launchdarkly::proxy`]).
+    pub proxy: ProxyEnv,
 }
 
 impl fmt::Debug for Surroundings {
@@ -277,6 +288,7 @@ impl fmt::Debug for Surroundings {
                 &self.broker_password.as_ref().map(|_| "<redacted>"),
             )
             .field("host_name", &self.host_name)
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
@@ -300,6 +312,7 @@ impl Surroundings {
             sdk_key,
             broker_password: credential(BROKER_PASSWORD_CREDENTIAL),
             host_name: host_name(),
+            proxy: ProxyEnv::from_process(),
         }
     }
 }
@@ -552,6 +565,9 @@ pub struct LaunchDarklyConfig {
     pub events_uri: String,
     /// How often held events are sent.
     pub events_flush: Duration,
+    /// The proxy for LaunchDarkly's connections, from the environment at start; `None` when
+    /// no proxy variable is set or LaunchDarkly is not used. Never shows a password.
+    pub proxy: Option<ProxyRules>,
 }
 
 impl fmt::Debug for LaunchDarklyConfig {
@@ -567,6 +583,7 @@ impl fmt::Debug for LaunchDarklyConfig {
             .field("events", &self.events)
             .field("events_uri", &self.events_uri)
             .field("events_flush", &self.events_flush)
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
@@ -878,11 +895,18 @@ impl Config {
         }
 
         let l = raw.launchdarkly;
+        let sdk_key = l
+            .sdk_key
+            .filter(|k| !k.is_empty())
+            .or_else(|| surroundings.sdk_key.clone());
+        // Checked only when LaunchDarkly is used: a host-wide proxy setting that flagshed cannot
+        // use must not stop a daemon that reads a flag file.
+        let proxy = match sdk_key {
+            Some(_) => ProxyRules::from_env(&surroundings.proxy).map_err(ConfigError::Proxy)?,
+            None => None,
+        };
         let launchdarkly = LaunchDarklyConfig {
-            sdk_key: l
-                .sdk_key
-                .filter(|k| !k.is_empty())
-                .or_else(|| surroundings.sdk_key.clone()),
+            sdk_key,
             stream: l.stream.unwrap_or(true),
             stream_uri: check.http_uri(
                 "launchdarkly.stream_uri",
@@ -919,6 +943,7 @@ impl Config {
                 5_000,
                 100..=3_600_000,
             )?),
+            proxy,
         };
 
         let lg = raw.log;
@@ -1567,6 +1592,59 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("metrics.queuer_listen"), "{err}");
+    }
+
+    /// Surroundings with an SDK key and the proxy variables `vars`, nothing from the shell.
+    fn with_proxy_env(vars: &[(&'static str, &str)]) -> Surroundings {
+        Surroundings {
+            sdk_key: Some("sdk-from-env".into()),
+            proxy: ProxyEnv::from_lookup(|name| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }),
+            ..Surroundings::default()
+        }
+    }
+
+    #[test]
+    fn proxy_from_the_environment_reaches_launchdarkly_config_without_its_password() {
+        let surroundings =
+            with_proxy_env(&[("https_proxy", "http://svc:pr0xy-hunter2@proxy.corp:3128")]);
+        let config =
+            Config::parse_in(Path::new("/etc/flagshed/test.toml"), "", &surroundings).unwrap();
+        let proxy = config.launchdarkly.proxy.as_ref().expect("a proxy");
+        let route = proxy.route(&config.launchdarkly.stream_uri);
+        assert_eq!(
+            route.server().map(|s| s.address()).as_deref(),
+            Some("proxy.corp:3128")
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pr0xy-hunter2"), "{shown}");
+        assert!(shown.contains("proxy.corp:3128"), "{shown}");
+        assert!(config.secrets().contains(&"pr0xy-hunter2".to_owned()));
+    }
+
+    #[test]
+    fn bad_proxy_variable_is_a_config_error_naming_it_not_its_password() {
+        let surroundings = with_proxy_env(&[("HTTPS_PROXY", "socks5://u:pr0xy-hunter2@p:1080")]);
+        let err =
+            Config::parse_in(Path::new("/etc/flagshed/test.toml"), "", &surroundings).unwrap_err();
+        assert!(matches!(err, ConfigError::Proxy(_)), "{err:?}");
+        let err = err.to_string();
+        assert!(err.contains("HTTPS_PROXY"), "{err}");
+        assert!(!err.contains("pr0xy-hunter2"), "{err}");
+    }
+
+    #[test]
+    fn proxy_variables_are_ignored_without_launchdarkly() {
+        let surroundings = Surroundings {
+            sdk_key: None,
+            ..with_proxy_env(&[("https_proxy", "socks5://p:1080")])
+        };
+        let config =
+            Config::parse_in(Path::new("/etc/flagshed/test.toml"), "", &surroundings).unwrap();
+        assert_eq!(config.launchdarkly.proxy, None);
     }
 
     #[test]

@@ -77,6 +77,7 @@ fn ld_settings(fake: &FakeLd) -> LdSettings {
         poll_interval: Duration::from_secs(30),
         initial_retry_delay: Duration::from_millis(10),
         read_timeout: Duration::from_secs(60),
+        proxy: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn settings(uri: String) -> EventSettings {
         flush_interval: HOUR,
         capacity: 100,
         retry_delay: Duration::from_millis(10),
+        proxy: None,
     }
 }
 

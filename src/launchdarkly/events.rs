@@ -97,6 +97,9 @@ pub struct EventSettings {
     /// The pause before the one retry of a failed post; [`DEFAULT_RETRY_DELAY`] in production,
     /// shorter in tests so they do not wait for seconds.
     pub retry_delay: Duration,
+    /// The proxy rules read from the environment at start, as for streaming and polling;
+    /// `None`: posts go directly.
+    pub proxy: Option<super::proxy::ProxyRules>,
 }
 
 impl EventSettings {
@@ -108,6 +111,7 @@ impl EventSettings {
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             capacity: DEFAULT_CAPACITY,
             retry_delay: DEFAULT_RETRY_DELAY,
+            proxy: None,
         }
     }
 }
@@ -121,6 +125,7 @@ impl fmt::Debug for EventSettings {
             .field("flush_interval", &self.flush_interval)
             .field("capacity", &self.capacity)
             .field("retry_delay", &self.retry_delay)
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
@@ -486,10 +491,17 @@ impl Poster {
             log::error!("LaunchDarkly events are off: {url:?} is not a URL ({e})");
             return None;
         }
+        let agent = http::agent_for(
+            "events",
+            &url,
+            settings.proxy.as_ref(),
+            POST_TIMEOUT,
+            Some(POST_TIMEOUT),
+        );
         Some(Poster {
             url,
             sdk_key: settings.sdk_key.clone(),
-            agent: http::agent(POST_TIMEOUT, Some(POST_TIMEOUT)),
+            agent,
         })
     }
 

@@ -1,4 +1,5 @@
-//! The HTTP side shared by streaming and polling: one configured agent, the headers every
+//! The HTTP side shared by streaming, polling and events: one configured agent per connection
+//! (direct, or through the proxy [`super::proxy`] chooses for its URL), the headers every
 //! request carries, and what a failed request means (retry, or give up).
 //!
 //! It is also where the SDK key is kept out of text: the key is only ever passed to ureq as a
@@ -6,6 +7,7 @@
 //! ureq would refuse as a header is rejected here first, because ureq's error for a bad header
 //! quotes the whole header line.
 
+use super::proxy::{self, ProxyRules, ProxyServer};
 use std::time::Duration;
 
 /// How long opening a connection (DNS, TCP, TLS) may take.
@@ -37,15 +39,40 @@ pub fn key_is_sendable(key: &str) -> bool {
             .all(|b| b == b' ' || b == b'\t' || (0x21..=0x7E).contains(&b))
 }
 
+/// An agent for the connections `purpose` (`streaming`, `polling`, `events`) makes to `url`,
+/// through the proxy `proxy` chooses for that URL (see [`super::proxy`] for how ureq tunnels).
+/// It logs once, at info, which way the connection goes, so an operator can tell from the
+/// startup lines whether the proxy is used; the line names the proxy by host and port only.
+pub fn agent_for(
+    purpose: &str,
+    url: &str,
+    proxy: Option<&ProxyRules>,
+    read_timeout: Duration,
+    total_timeout: Option<Duration>,
+) -> ureq::Agent {
+    let route = proxy::route(proxy, url);
+    log::info!("LaunchDarkly {purpose}: {url} {route}");
+    agent(read_timeout, total_timeout, route.server())
+}
+
 /// An agent whose every read gives up after `read_timeout` without a byte, and whose every
-/// request gives up after `total_timeout` if one is given (polling; a stream has no end).
-pub fn agent(read_timeout: Duration, total_timeout: Option<Duration>) -> ureq::Agent {
+/// request gives up after `total_timeout` if one is given (polling; a stream has no end),
+/// connecting through `proxy` if one is given. Without one it connects directly: ureq's own
+/// reading of proxy variables is not built in, so the environment is only read in one place.
+pub fn agent(
+    read_timeout: Duration,
+    total_timeout: Option<Duration>,
+    proxy: Option<&ProxyServer>,
+) -> ureq::Agent {
     let mut builder = ureq::AgentBuilder::new()
         .timeout_connect(CONNECT_TIMEOUT)
         .timeout_read(read_timeout)
         .timeout_write(CONNECT_TIMEOUT);
     if let Some(total) = total_timeout {
         builder = builder.timeout(total);
+    }
+    if let Some(proxy) = proxy {
+        builder = builder.proxy(proxy.to_ureq());
     }
     builder.build()
 }
@@ -106,9 +133,13 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}/all", listener.local_addr().expect("addr"));
         drop(listener);
-        let error = get(&agent(Duration::from_secs(1), None), &url, "sdk-secret-key")
-            .call()
-            .expect_err("nothing listens");
+        let error = get(
+            &agent(Duration::from_secs(1), None, None),
+            &url,
+            "sdk-secret-key",
+        )
+        .call()
+        .expect_err("nothing listens");
         match failure(&url, error) {
             Failure::Recoverable(message) => {
                 assert!(message.contains(&url), "{message}");

@@ -6,7 +6,8 @@
 //!
 //! Code map: [`sse`] splits the stream into events, [`protocol`] turns event and polling
 //! bodies into data changes, `http` builds requests
-//! and classifies failures, and `stream` and `poll` are the two thread loops. The
+//! and classifies failures, [`proxy`] decides which HTTP proxy (if any) each connection goes
+//! through, and `stream` and `poll` are the two thread loops. The
 //! invariants: one thread, so one connection attempt at a time; nothing is sent on the
 //! channel until a message has parsed completely; and the SDK key is only ever a header value,
 //! never formatted into a URL, a log line, an error or `Debug` output.
@@ -15,6 +16,7 @@ pub mod events;
 mod http;
 mod poll;
 pub mod protocol;
+pub mod proxy;
 pub mod sse;
 mod stream;
 
@@ -83,6 +85,8 @@ pub struct LdSettings {
     pub initial_retry_delay: Duration,
     /// How long a streaming read may wait for a byte; [`STREAM_READ_TIMEOUT`] from the config.
     pub read_timeout: Duration,
+    /// The proxy rules read from the environment at start; `None`: every connection is direct.
+    pub proxy: Option<proxy::ProxyRules>,
 }
 
 impl LdSettings {
@@ -96,6 +100,7 @@ impl LdSettings {
             poll_interval: config.poll_interval,
             initial_retry_delay: INITIAL_RETRY_DELAY,
             read_timeout: STREAM_READ_TIMEOUT,
+            proxy: config.proxy.clone(),
         }
     }
 }
@@ -111,6 +116,7 @@ impl fmt::Debug for LdSettings {
             .field("poll_interval", &self.poll_interval)
             .field("initial_retry_delay", &self.initial_retry_delay)
             .field("read_timeout", &self.read_timeout)
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
@@ -255,6 +261,7 @@ mod tests {
             poll_interval: Duration::from_secs(30),
             initial_retry_delay: INITIAL_RETRY_DELAY,
             read_timeout: STREAM_READ_TIMEOUT,
+            proxy: None,
         };
         let text = format!("{settings:?}");
         assert!(!text.contains("sdk-very-secret"), "{text}");
@@ -282,6 +289,7 @@ mod tests {
             poll_interval: Duration::from_secs(30),
             initial_retry_delay: Duration::from_millis(5),
             read_timeout: STREAM_READ_TIMEOUT,
+            proxy: None,
         };
         let handle = spawn(settings, tx).expect("spawn");
         match rx.recv_timeout(Duration::from_secs(5)) {

@@ -28,8 +28,14 @@ enum Poll {
 
 /// Runs the polling loop until asked to stop.
 pub(crate) fn run(settings: &LdSettings, link: &mut Link) {
-    let agent = http::agent(settings.read_timeout.min(POLL_TIMEOUT), Some(POLL_TIMEOUT));
     let url = format!("{}/sdk/latest-all", settings.base_uri.trim_end_matches('/'));
+    let agent = http::agent_for(
+        "polling",
+        &url,
+        settings.proxy.as_ref(),
+        settings.read_timeout.min(POLL_TIMEOUT),
+        Some(POLL_TIMEOUT),
+    );
     let mut backoff = super::retry_schedule(settings.initial_retry_delay);
     let mut etag: Option<String> = None;
     while !link.stopping() {

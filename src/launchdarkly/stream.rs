@@ -27,8 +27,14 @@ enum End {
 
 /// Runs the streaming loop until asked to stop.
 pub(crate) fn run(settings: &LdSettings, link: &mut Link) {
-    let agent = http::agent(settings.read_timeout, None);
     let url = format!("{}/all", settings.stream_uri.trim_end_matches('/'));
+    let agent = http::agent_for(
+        "streaming",
+        &url,
+        settings.proxy.as_ref(),
+        settings.read_timeout,
+        None,
+    );
     let mut backoff = super::retry_schedule(settings.initial_retry_delay);
     while !link.stopping() {
         match connect_and_read(&agent, &url, &settings.sdk_key, link) {

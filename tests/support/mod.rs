@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod capture;
+pub mod connect_proxy;
 pub mod daemon;
 pub mod fake_ld;
 pub mod http_server;
