@@ -321,13 +321,14 @@ impl Lab {
             return Vec::new();
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();
+        // JSON lines: `{"ms":…,"id":…,"state":…}`.
         text.lines()
             .filter_map(|line| {
-                let mut parts = line.split_whitespace();
+                let record: serde_json::Value = serde_json::from_str(line).ok()?;
                 Some(AuditLine {
-                    at_ms: parts.next()?.parse().ok()?,
-                    id: parts.next()?.to_owned(),
-                    state: parts.next()?.to_owned(),
+                    at_ms: record["ms"].as_u64()?,
+                    id: record["id"].as_str().unwrap_or("-").to_owned(),
+                    state: record["state"].as_str()?.to_owned(),
                 })
             })
             .collect()

@@ -173,9 +173,9 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ready_sent: false,
         broker_down: None,
         node: None,
-        last_stats: (Instant::now(), WorkerLedger::default()),
-        malformed_warnings: Throttle::default(),
-        failure_warnings: Throttle::default(),
+        last_stats: (Instant::now(), 0),
+        malformed_warnings: Throttle::new("malformed jobs"),
+        failure_warnings: Throttle::new("failed jobs"),
         audit,
         estimates,
         retries: RetryCounts::new(RETRY_COUNTS_KEPT),
@@ -189,6 +189,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     let refused = broker::supervise(&broker_config, "taskworker", &mut worker).err();
 
     worker.hand_over_tally();
+    worker.malformed_warnings.finish();
+    worker.failure_warnings.finish();
     let Worker {
         ledger,
         window,
@@ -373,7 +375,8 @@ struct Worker<'e, 'a> {
     broker_down: Option<(Instant, String)>,
     /// The node of the live connection (`host:port`), for the stats line.
     node: Option<String>,
-    last_stats: (Instant, WorkerLedger),
+    /// When the last stats line was logged, and the `done` count then.
+    last_stats: (Instant, u64),
     malformed_warnings: Throttle,
     failure_warnings: Throttle,
     audit: Option<AuditLog>,
@@ -390,6 +393,28 @@ struct Worker<'e, 'a> {
     /// Uses of each skip-rate evaluation, one per job decided, for LaunchDarkly's events.
     skip_uses: Tally,
     tally_tick: Receiver<Instant>,
+}
+
+/// A one-shot timer for the select loop, remade only when its moment changes: a fresh
+/// `crossbeam_channel::at` allocates, and the loop runs once per delivery.
+#[derive(Default)]
+struct Timer {
+    at: Option<Instant>,
+    rx: Option<Receiver<Instant>>,
+}
+
+impl Timer {
+    /// The receiver that fires at `at` (never, for `None`).
+    fn at(&mut self, at: Option<Instant>) -> Receiver<Instant> {
+        if at != self.at || self.rx.is_none() {
+            self.at = at;
+            self.rx = Some(at.map_or_else(never, crossbeam_channel::at));
+        }
+        match &self.rx {
+            Some(rx) => rx.clone(),
+            None => never(),
+        }
+    }
 }
 
 /// How a run of the loop on a live consumer ends.
@@ -527,6 +552,8 @@ impl Worker<'_, '_> {
         let done_rx = self.done_rx.clone();
         let signals = self.env.signals.clone();
         let levers = self.env.flags.levers_changed().clone();
+        let (mut grace_timer, mut flush_timer, mut retry_timer) =
+            (Timer::default(), Timer::default(), Timer::default());
         let tally_tick = self.tally_tick.clone();
         if let Some(end) = self.apply_levers(consumer) {
             return end;
@@ -537,12 +564,10 @@ impl Worker<'_, '_> {
                 Some(c) if !self.cancelled => c.receiver(),
                 _ => &closed,
             };
-            let grace_end = self.draining.map_or_else(never, crossbeam_channel::at);
-            let flush_timer = self.flush_at.map_or_else(never, crossbeam_channel::at);
-            let retry_due = self
-                .retry_later
-                .front()
-                .map_or_else(never, |&(at, _)| crossbeam_channel::at(at));
+            // Timers are made anew only when their moment changes, not on every pass.
+            let grace_end = grace_timer.at(self.draining);
+            let flush_timer = flush_timer.at(self.flush_at);
+            let retry_due = retry_timer.at(self.retry_later.front().map(|&(at, _)| at));
             // A reload may replace the stats ticker, so it is taken afresh each time round.
             let stats = self.stats.clone();
             select! {
@@ -583,7 +608,9 @@ impl Worker<'_, '_> {
                     let line = self.stats_line();
                     log::info!("{line}");
                     self.env.notifier.status(&line);
-                    self.last_stats = (Instant::now(), self.ledger.clone());
+                    self.last_stats = (Instant::now(), self.ledger.count(Outcome::Done));
+                    self.malformed_warnings.tick();
+                    self.failure_warnings.tick();
                 },
                 recv(watchdog) -> _ => self.env.notifier.watchdog(),
                 recv(grace_end) -> _ => {
@@ -904,16 +931,18 @@ impl Worker<'_, '_> {
             env,
             ..
         } = self;
+        // Both closures below write to the audit trail: lines as jobs settle, and a flush to
+        // the kernel before each frame, so a job's line is safe before its ack goes out.
+        let audit = std::cell::RefCell::new(audit.as_mut());
         window
             .flush(
                 |outcome| disposition(outcome, shed_action),
                 |(delivery, slot), outcome| {
-                    if let Some(audit) = audit.as_mut() {
+                    if let Some(audit) = audit.borrow_mut().as_mut() {
                         audit.record(
                             delivery.properties.message_id().as_deref(),
                             outcome.as_str(),
                         );
-                        audit.flush();
                     }
                     ledger.record(outcome);
                     if let Some(metrics) = &env.metrics {
@@ -921,6 +950,9 @@ impl Worker<'_, '_> {
                     }
                 },
                 |(delivery, _), disposition, multiple| {
+                    if let Some(audit) = audit.borrow_mut().as_mut() {
+                        audit.flush();
+                    }
                     send_frame(consumer, delivery, disposition, multiple)
                 },
             )
@@ -1006,10 +1038,9 @@ impl Worker<'_, '_> {
     }
 
     fn stats_line(&self) -> String {
-        let (since, before) = &self.last_stats;
+        let (since, done_before) = self.last_stats;
         let elapsed = since.elapsed().as_secs_f64().max(1e-3);
-        let done_per_sec =
-            (self.ledger.count(Outcome::Done) - before.count(Outcome::Done)) as f64 / elapsed;
+        let done_per_sec = (self.ledger.count(Outcome::Done) - done_before) as f64 / elapsed;
         let mut line = String::from("stats role=worker ");
         self.ledger.write_fields(&mut line);
         line.push_str(&format!(

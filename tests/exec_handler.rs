@@ -100,9 +100,13 @@ esac"#,
     let records: Vec<(u64, String, String)> = trail
         .lines()
         .filter_map(|l| {
-            let mut fields = l.split(' ');
-            let at = fields.next()?.parse().ok()?;
-            Some((at, fields.next()?.to_owned(), fields.next()?.to_owned()))
+            let record: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((
+                record["ms"].as_u64()?,
+                // A job without a message_id has a null id.
+                record["id"].as_str().unwrap_or("-").to_owned(),
+                record["state"].as_str()?.to_owned(),
+            ))
         })
         .collect();
     // A retried job goes back to the queue (its line is written) only after the retry delay

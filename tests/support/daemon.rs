@@ -447,15 +447,18 @@ pub fn final_states() -> Vec<&'static str> {
         .collect()
 }
 
-/// A `ledger_file` as (job id, state) pairs, in the order written.
+/// A `ledger_file` (JSON lines) as (job id, state) pairs, in the order written; a job without
+/// an id reads as `-`. Panics on a line that is not a record: the format must hold for any id.
 pub fn ledger_lines(path: &Path) -> Vec<(String, String)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            let _ms = parts.next()?;
-            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        .map(|l| {
+            let record: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("ledger line {l:?} is not JSON: {e}"));
+            let id = record["id"].as_str().unwrap_or("-").to_owned();
+            let state = record["state"].as_str().expect("a state").to_owned();
+            (id, state)
         })
         .collect()
 }
