@@ -133,9 +133,8 @@ const UNSET: u64 = u64::MAX;
 /// A lever flag's tri-state: set by a flag, or left to the config.
 const LEVER_UNSET: u32 = u32::MAX;
 
-/// The current flag values, shared between the source thread (the only writer, apart from
-/// the consumer thread seeding a new job type's slot) and every thread that makes decisions
-/// (readers).
+/// The current flag values, shared between the source thread (the only writer) and every
+/// thread that makes decisions (readers).
 #[derive(Debug)]
 pub struct FlagValues {
     /// The skip rate for the service context, in ppm, stamped with its evaluation.

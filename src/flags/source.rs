@@ -188,6 +188,8 @@ struct SourceThread {
     /// The flag file's stamp at the last look (`Some(None)`: it did not exist); `None` before
     /// the first look or after a reload, to force a read.
     file_stamp: Option<Option<FileStamp>>,
+    /// Whether the flag file's current content was taken (not refused as unreadable).
+    file_loaded: bool,
     launchdarkly: Option<launchdarkly::LdHandle>,
     /// LaunchDarkly's analytics events, when LaunchDarkly is the source and events are on.
     events: Option<EventProcessor>,
@@ -219,6 +221,7 @@ impl SourceThread {
             levers_changed,
             ready: Some(ready),
             file_stamp: None,
+            file_loaded: false,
             launchdarkly: None,
             events: None,
             warned: HashMap::new(),
@@ -305,6 +308,7 @@ impl SourceThread {
         let settings = EventSettings {
             events_uri: config.events_uri.clone(),
             flush_interval: config.events_flush,
+            proxy: config.proxy.clone(),
             ..EventSettings::new(sdk_key)
         };
         match EventProcessor::spawn(settings) {
@@ -336,8 +340,8 @@ impl SourceThread {
         };
         let now = stamp(&path);
         if self.file_stamp == Some(now) {
-            if now.is_some() {
-                // Looked at and unchanged: what it says is current.
+            if now.is_some() && self.file_loaded {
+                // Looked at, unchanged, and what it says was taken: the values are current.
                 self.values.confirm();
             }
             return;
@@ -356,6 +360,7 @@ impl SourceThread {
                 );
                 self.store.apply(DataEvent::Put(data));
                 self.values.set_origin(Origin::File);
+                self.file_loaded = true;
                 self.evaluate();
             }
             Err(FlagFileError::Read { source, .. })
@@ -366,7 +371,11 @@ impl SourceThread {
                     path.display()
                 );
             }
-            Err(e) => log::warn!("{e}; keeping the previous flag values"),
+            Err(e) => {
+                // What is served no longer matches the file: it ages from now on.
+                self.file_loaded = false;
+                log::warn!("{e}; keeping the previous flag values");
+            }
         }
     }
 
@@ -460,6 +469,16 @@ impl SourceThread {
         // The LaunchDarkly connection is restart-only: `daemon::reload` kept its settings.
         self.settings = settings;
         self.context = build_context(&self.settings);
+        // The job types' multi-contexts hold the service context: build them again.
+        let types: Vec<(usize, String)> = self
+            .job_types
+            .iter()
+            .map(|(&slot, (name, _))| (slot, name.clone()))
+            .collect();
+        for (slot, name) in types {
+            let context = self.job_context(&name);
+            self.job_types.insert(slot, (name, context));
+        }
         // SIGHUP re-reads the flag file even when its stamp looks unchanged.
         if let Some(path) = self.file_path() {
             self.file_stamp = Some(stamp(&path));
@@ -534,7 +553,13 @@ impl SourceThread {
             }
         }
         let mut changed = false;
-        for lever in Lever::ALL {
+        // The levers steer the worker; the queuer neither evaluates nor counts them.
+        let levers: &[Lever] = if self.settings.role == "worker" {
+            &Lever::ALL
+        } else {
+            &[]
+        };
+        for &lever in levers {
             let key = match lever {
                 Lever::Pause => &flags.pause_key,
                 Lever::Concurrency => &flags.concurrency_key,
@@ -730,8 +755,15 @@ impl SourceThread {
     }
 
     fn add_job_type(&mut self, slot: usize, name: String) {
-        let context = self.context.as_ref().and_then(|service| {
-            let job = ContextBuilder::new(name.clone())
+        let context = self.job_context(&name);
+        self.job_types.insert(slot, (name, context));
+        self.evaluate();
+    }
+
+    /// The multi-context of this daemon's service and job type `name`.
+    fn job_context(&self, name: &str) -> Option<Context> {
+        self.context.as_ref().and_then(|service| {
+            let job = ContextBuilder::new(name)
                 .kind(JOB_CONTEXT_KIND)
                 .build()
                 .map_err(|e| log::warn!("job type {name:?} cannot be a context key: {e}"))
@@ -742,9 +774,7 @@ impl SourceThread {
                 .build()
                 .map_err(|e| log::warn!("no multi-context for job type {name:?}: {e}"))
                 .ok()
-        });
-        self.job_types.insert(slot, (name, context));
-        self.evaluate();
+        })
     }
 
     /// Counted uses of `flag`'s evaluations, resolved to what they stand for.

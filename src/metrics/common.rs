@@ -69,7 +69,7 @@ pub fn render_flags(text: &mut Text, values: &FlagValues, skip_rate: bool) {
     text.family(
         "flagshed_flags_age_seconds",
         Kind::Gauge,
-        "Seconds since the flag values last changed value or origin.",
+        "How stale the flag values may be: 0 while LaunchDarkly is connected and healthy, else seconds since they were last known current.",
     );
     text.float(
         "flagshed_flags_age_seconds",
