@@ -11,8 +11,8 @@ mod fake_ld;
 
 use fake_ld::{FakeLd, number_flag};
 use flagshed::config::Config;
+use flagshed::flag_source::FlagSource;
 use flagshed::flags::FlagValues;
-use flagshed::flags::source::FlagSource;
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,7 +33,7 @@ fn main() {
         uri = fake.uri()
     );
     let config = Config::parse(Path::new("bench.toml"), &text).expect("valid bench config");
-    let mut settings = flagshed::daemon::source_settings(&config, flagshed::daemon::Role::Worker);
+    let mut settings = flagshed::service::source_settings(&config, flagshed::service::Role::Worker);
     settings.queue = "bench".into();
     let values = Arc::new(FlagValues::new(0.0, 1.0));
     let _source = FlagSource::spawn(settings, Arc::clone(&values)).expect("start the flag source");

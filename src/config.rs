@@ -7,7 +7,7 @@
 
 use crate::broker_address::BrokerAddress;
 pub use crate::handler::estimate::EstimateSettings;
-use crate::launchdarkly::proxy::{ProxyEnv, ProxyError, ProxyRules};
+use crate::proxy::{ProxyEnv, ProxyError, ProxyRules};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -275,7 +275,7 @@ pub struct Surroundings {
     pub broker_password: Option<String>,
     /// The default `flags.context_key`; empty reads as `localhost`.
     pub host_name: String,
-    /// `https_proxy`, `no_proxy` and the rest, unchecked (see [`crate::launchdarkly::proxy`]).
+    /// `https_proxy`, `no_proxy` and the rest, unchecked (see [`crate::proxy`]).
     pub proxy: ProxyEnv,
 }
 

@@ -13,14 +13,14 @@
 use crate::audit::AuditLog;
 use crate::broker::{self, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
-use crate::config::Config;
-use crate::daemon::{self, DaemonError, Role};
-use crate::flags::source::FlagSource;
+use crate::config::{Config, Overflow};
+use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::job::{HEADER_CREATED_MS, HEADER_DEADLINE_MS, HEADER_WORK_MS};
 use crate::ledger::QueuerLedger;
 use crate::metrics::QueuerMetrics;
 use crate::notify::Notifier;
+use crate::service::{self, DaemonError, Role};
 use crate::signals::Signal;
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, FieldTable, Publish};
 use crossbeam_channel::{Receiver, never, select, tick};
@@ -74,6 +74,12 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
         None => Ok(queuer.ledger),
     }
 }
+
+/// How long every publish may be refused before the connection is replaced.
+const REFUSED_FOR: Duration = Duration::from_secs(5);
+/// The fewest refusals in a row that count, so a slow trickle of publishes is not judged on
+/// one or two.
+const REFUSED_AT_LEAST: u64 = 10;
 
 /// How often counted flag uses are handed to the flag source thread.
 const TALLY_INTERVAL: Duration = Duration::from_secs(1);
@@ -192,6 +198,26 @@ impl Supervised for Queuer<'_, '_> {
 }
 
 impl Queuer<'_, '_> {
+    /// Whether the connection should be given up because RabbitMQ has refused (nacked) every
+    /// publish on it for [`REFUSED_FOR`]: seen on a quorum queue whose leader moved while the
+    /// channel was opened, where the channel kept being refused until it was replaced. A
+    /// queue that refuses because it is full (`overflow = "reject-publish"`) is left alone.
+    fn refused_too_long(&self, refused: Option<(Instant, u64)>) -> Option<String> {
+        let (since, count) = refused?;
+        let full_by_design = matches!(
+            self.config.broker.overflow,
+            Overflow::RejectPublish | Overflow::RejectPublishDlx
+        );
+        (!full_by_design && count >= REFUSED_AT_LEAST && since.elapsed() >= REFUSED_FOR).then(
+            || {
+                format!(
+                    "RabbitMQ refused all {count} publishes for {} ms; opening a new connection",
+                    since.elapsed().as_millis()
+                )
+            },
+        )
+    }
+
     /// Hands the publish-rate uses counted since the last time to the flag source thread.
     fn hand_over_tally(&mut self) {
         self.tally_sent = Instant::now();
@@ -228,6 +254,8 @@ impl Queuer<'_, '_> {
         let signals = self.env.signals.clone();
         let mut credit = 0.0_f64;
         let mut last = Instant::now();
+        // Since when every confirm on this connection has been a nack, and how many.
+        let mut refused: Option<(Instant, u64)> = None;
         loop {
             if self.tally_sent.elapsed() >= TALLY_INTERVAL {
                 self.hand_over_tally();
@@ -295,12 +323,18 @@ impl Queuer<'_, '_> {
                                 Confirm::Ack(_) => {
                                     self.ledger.published += 1;
                                     self.audit_confirm(seq, "published");
+                                    refused = None;
                                 }
                                 Confirm::Nack(_) => {
                                     self.ledger.nacked += 1;
                                     self.audit_confirm(seq, "nacked");
+                                    let (_, n) = refused.get_or_insert((Instant::now(), 0));
+                                    *n += 1;
                                 }
                             }
+                        }
+                        if let Some(why) = self.refused_too_long(refused) {
+                            return SessionEnd::Lost(why);
                         }
                     }
                     Err(_) => return SessionEnd::Lost("confirm channel closed".into()),
@@ -360,7 +394,7 @@ impl Queuer<'_, '_> {
     }
 
     fn reload(&mut self) {
-        if let Some(new) = daemon::reload(
+        if let Some(new) = service::reload(
             &self.config,
             Role::Queuer,
             self.env.flags,
@@ -385,7 +419,7 @@ impl Queuer<'_, '_> {
                 Some(node) => format!("up broker_node={node}"),
                 None => "down broker_node=-".to_owned(),
             },
-            daemon::flag_fields(&self.env.values)
+            service::flag_fields(&self.env.values)
         )
     }
 }

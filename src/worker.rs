@@ -21,8 +21,7 @@ use crate::audit::AuditLog;
 use crate::broker::{self, BrokerError, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
 use crate::config::{Config, ShedAction};
-use crate::daemon::{self, DaemonError, Role};
-use crate::flags::source::FlagSource;
+use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::gate::Gate;
 use crate::handler::estimate::{TypeSlot, WorkEstimates};
@@ -32,6 +31,7 @@ use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
 use crate::notify::Notifier;
 use crate::retries::RetryCounts;
+use crate::service::{self, DaemonError, Role};
 use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use crate::throttle::Throttle;
@@ -1017,7 +1017,7 @@ impl Worker<'_, '_> {
     }
 
     fn reload(&mut self) {
-        let Some(new) = daemon::reload(
+        let Some(new) = service::reload(
             &self.config,
             Role::Worker,
             self.env.flags,
@@ -1049,7 +1049,7 @@ impl Worker<'_, '_> {
                 Some(node) => format!("up broker_node={node}"),
                 None => "down broker_node=-".to_owned(),
             },
-            daemon::flag_fields(&self.env.values)
+            service::flag_fields(&self.env.values)
         ));
         self.estimates
             .write_fields(&mut line, self.policy.defaults.work_ms);

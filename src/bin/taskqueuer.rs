@@ -2,5 +2,5 @@
 //! Everything lives in the library; see `flagshed::queuer`.
 
 fn main() -> std::process::ExitCode {
-    flagshed::daemon::main(flagshed::daemon::Role::Queuer)
+    flagshed::daemon::main(flagshed::service::Role::Queuer)
 }

@@ -2,5 +2,5 @@
 //! Everything lives in the library; see `flagshed::worker`.
 
 fn main() -> std::process::ExitCode {
-    flagshed::daemon::main(flagshed::daemon::Role::Worker)
+    flagshed::daemon::main(flagshed::service::Role::Worker)
 }

@@ -7,7 +7,6 @@
 
 pub mod evaluate;
 pub mod file;
-pub mod source;
 pub mod store;
 pub mod tally;
 

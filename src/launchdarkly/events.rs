@@ -99,7 +99,7 @@ pub struct EventSettings {
     pub retry_delay: Duration,
     /// The proxy rules read from the environment at start, as for streaming and polling;
     /// `None`: posts go directly.
-    pub proxy: Option<super::proxy::ProxyRules>,
+    pub proxy: Option<crate::proxy::ProxyRules>,
 }
 
 impl EventSettings {

@@ -1,5 +1,5 @@
 //! The HTTP side shared by streaming, polling and events: one configured agent per connection
-//! (direct, or through the proxy [`super::proxy`] chooses for its URL), the headers every
+//! (direct, or through the proxy [`crate::proxy`] chooses for its URL), the headers every
 //! request carries, and what a failed request means (retry, or give up).
 //!
 //! It is also where the SDK key is kept out of text: the key is only ever passed to ureq as a
@@ -7,7 +7,7 @@
 //! ureq would refuse as a header is rejected here first, because ureq's error for a bad header
 //! quotes the whole header line.
 
-use super::proxy::{self, ProxyRules, ProxyServer};
+use crate::proxy::{ProxyRules, ProxyServer};
 use std::time::Duration;
 
 /// How long opening a connection (DNS, TCP, TLS) may take.
@@ -40,7 +40,7 @@ pub fn key_is_sendable(key: &str) -> bool {
 }
 
 /// An agent for the connections `purpose` (`streaming`, `polling`, `events`) makes to `url`,
-/// through the proxy `proxy` chooses for that URL (see [`super::proxy`] for how ureq tunnels).
+/// through the proxy `proxy` chooses for that URL (see [`crate::proxy`] for how ureq tunnels).
 /// It logs once, at info, which way the connection goes, so an operator can tell from the
 /// startup lines whether the proxy is used; the line names the proxy by host and port only.
 pub fn agent_for(
@@ -50,7 +50,7 @@ pub fn agent_for(
     read_timeout: Duration,
     total_timeout: Option<Duration>,
 ) -> ureq::Agent {
-    let route = proxy::route(proxy, url);
+    let route = crate::proxy::route(proxy, url);
     log::info!("LaunchDarkly {purpose}: {url} {route}");
     agent(read_timeout, total_timeout, route.server())
 }

@@ -16,7 +16,6 @@ pub mod events;
 mod http;
 mod poll;
 pub mod protocol;
-pub mod proxy;
 pub mod sse;
 mod stream;
 
@@ -86,7 +85,7 @@ pub struct LdSettings {
     /// How long a streaming read may wait for a byte; [`STREAM_READ_TIMEOUT`] from the config.
     pub read_timeout: Duration,
     /// The proxy rules read from the environment at start; `None`: every connection is direct.
-    pub proxy: Option<proxy::ProxyRules>,
+    pub proxy: Option<crate::proxy::ProxyRules>,
 }
 
 impl LdSettings {

@@ -5,11 +5,11 @@
 //! after every change, and stores the results into [`FlagValues`]. Other threads reach it only
 //! through [`FlagSource`] (reload, stop) and only read what it stores.
 
-use super::evaluate::{self, Outcome, describe, evaluate_flag};
-use super::file::{self, FlagFileError};
-use super::store::{AllData, DataEvent, FlagStore};
-use super::{FALLBACK_EVALUATION, FlagValues, Lever, Origin, SourceState, Watched};
 use crate::config::{FlagsConfig, LaunchDarklyConfig};
+use crate::flags::evaluate::{self, Outcome, describe, evaluate_flag};
+use crate::flags::file::{self, FlagFileError};
+use crate::flags::store::{AllData, DataEvent, FlagStore};
+use crate::flags::{FALLBACK_EVALUATION, FlagValues, Lever, Origin, SourceState, Watched};
 use crate::launchdarkly::events::{Evaluation, EventProcessor, EventSettings};
 use crate::launchdarkly::{self, LdMessage};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, never, select, unbounded};
@@ -466,7 +466,7 @@ impl SourceThread {
     }
 
     fn reload(&mut self, settings: SourceSettings) {
-        // The LaunchDarkly connection is restart-only: `daemon::reload` kept its settings.
+        // The LaunchDarkly connection is restart-only: `service::reload` kept its settings.
         self.settings = settings;
         self.context = build_context(&self.settings);
         // The job types' multi-contexts hold the service context: build them again.
