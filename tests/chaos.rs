@@ -16,7 +16,7 @@ mod support;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::broker::{TestBroker, death_reason, unique_name};
 use support::daemon::{
     Bin, Daemon, Ledger, TempDir, TestConfig, final_states, ledger_lines, toml_str,
@@ -138,11 +138,7 @@ impl Scenario {
     fn finish(&self, mut queuer: Daemon, mut workers: Vec<Daemon>, allowed_twice: u64) -> Audit {
         queuer.stop();
         let broker = TestBroker::connect();
-        let end = Instant::now() + WAIT;
-        while broker.ready_count(&self.queue) > 0 {
-            assert!(Instant::now() < end, "the queue never emptied");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        broker.wait_for_ready(&self.queue, "the queue empties", WAIT, |n| n == 0);
         for worker in &mut workers {
             worker.stop();
         }

@@ -185,11 +185,7 @@ fn scenario(fault: Fault, whose: Victim) {
     // Node N is PORTS[N - 1]; PORTS[N % 3] is another member.
     let other = PORTS[node.parse::<usize>().expect("a node number") % 3];
     let mut broker = TestBroker::connect_to(&member_url(other));
-    let end = Instant::now() + WAIT;
-    while broker.ready_count(&queue) > 0 {
-        assert!(Instant::now() < end, "the queue never emptied");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    broker.wait_for_ready(&queue, "the queue empties", WAIT, |n| n == 0);
     for worker in &mut workers {
         worker.stop().assert_balanced();
     }

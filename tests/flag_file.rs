@@ -5,7 +5,7 @@
 mod support;
 
 use flagshed::config::Config;
-use flagshed::flags::source::FlagSource;
+use flagshed::flag_source::FlagSource;
 use flagshed::flags::{FlagValues, Origin};
 use std::path::Path;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ fn start(file: &Path, context_key: &str) -> (FlagSource, Arc<FlagValues>) {
     );
     let config = Config::parse(Path::new("flag-file-test.toml"), &text).expect("valid config");
     let values = Arc::new(FlagValues::with_job_types(1.0, 1.0, 4));
-    let mut settings = flagshed::daemon::source_settings(&config, flagshed::daemon::Role::Worker);
+    let mut settings = flagshed::service::source_settings(&config, flagshed::service::Role::Worker);
     settings.queue = "jobs".into();
     let source = FlagSource::spawn(settings, Arc::clone(&values)).expect("spawn flag source");
     (source, values)

@@ -10,7 +10,7 @@ mod support;
 
 use crossbeam_channel::{Receiver, unbounded};
 use flagshed::config::Config;
-use flagshed::flags::source::{FlagSource, SourceSettings};
+use flagshed::flag_source::{FlagSource, SourceSettings};
 use flagshed::flags::store::DataEvent;
 use flagshed::flags::{FlagValues, Origin, SourceState};
 use flagshed::launchdarkly::{self, LdHandle, LdMessage, LdSettings};
@@ -112,7 +112,7 @@ fn source_settings(
         "#
     );
     let config = Config::parse(Path::new("launchdarkly-test.toml"), &text).expect("valid config");
-    let mut settings = flagshed::daemon::source_settings(&config, flagshed::daemon::Role::Worker);
+    let mut settings = flagshed::service::source_settings(&config, flagshed::service::Role::Worker);
     settings.queue = queue.into();
     settings
 }

@@ -10,10 +10,10 @@
 mod support;
 
 use flagshed::config::{Config, Surroundings};
-use flagshed::flags::source::FlagSource;
+use flagshed::flag_source::FlagSource;
 use flagshed::flags::{FlagValues, SourceState};
 use flagshed::launchdarkly::events::{Evaluation, EventProcessor, EventSettings};
-use flagshed::launchdarkly::proxy::ProxyEnv;
+use flagshed::proxy::ProxyEnv;
 use launchdarkly_server_sdk_evaluation::ContextBuilder;
 use serde_json::json;
 use std::path::Path;
@@ -81,7 +81,7 @@ fn config(uri: &str, extra: &str, vars: &[(&'static str, String)]) -> Config {
 
 /// Starts a flag source as the worker daemon would for `config`.
 fn start_source(config: &Config) -> (FlagSource, Arc<FlagValues>) {
-    let settings = flagshed::daemon::source_settings(config, flagshed::daemon::Role::Worker);
+    let settings = flagshed::service::source_settings(config, flagshed::service::Role::Worker);
     let values = Arc::new(FlagValues::new(
         settings.flags.skip_rate_fallback,
         settings.flags.rate_fallback,

@@ -111,10 +111,7 @@ fn prometheus_scrapes_add_up_to_the_worker_ledger() {
     assert_eq!(queuer.final_ledger().get("published"), 400);
 
     // Idle: nothing left in the queue (served, or expired by the broker) and nothing held.
-    eventually(WAIT, || match broker.ready_count(&queue) {
-        0 => Ok(()),
-        n => Err(format!("{n} jobs still queued")),
-    });
+    broker.wait_for_ready(&queue, "the queue empties", WAIT, |n| n == 0);
     worker.wait_for_new_stats(|s| s.get("in_flight") == 0);
     let logged = eventually(WAIT, || {
         let line = worker.last_line("stats role=").expect("a stats line");

@@ -960,6 +960,12 @@ fn long_prerequisite_and_segment_chains_do_not_crash() {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
+    // A renamed test would make the child run nothing and pass: it must have run this one.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "the child ran something else than this one test:\n{stdout}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -180,9 +180,7 @@ fn second_sigterm_stops_at_once_and_running_jobs_return_to_the_queue() {
     );
     assert_eq!(ledger.text("balanced"), "true");
     // The broker has all four back once the connection is closed.
-    let end = Instant::now() + WAIT;
-    while broker.ready_count(&queue) < 4 {
-        assert!(Instant::now() < end, "jobs did not return to the queue");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    broker.wait_for_ready(&queue, "the four jobs return to the queue", WAIT, |n| {
+        n >= 4
+    });
 }

@@ -82,11 +82,7 @@ fn ledger_balances_under_overload() {
     assert_eq!(published, 180);
 
     // Wait until the queue is empty (served or expired by the broker) and the worker is idle.
-    let deadline = std::time::Instant::now() + WAIT;
-    while broker.ready_count(&queue) > 0 {
-        assert!(std::time::Instant::now() < deadline, "queue never emptied");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    broker.wait_for_ready(&queue, "the queue empties", WAIT, |n| n == 0);
     worker.wait_for_new_stats(|s| s.get("in_flight") == 0);
     let ledger = worker.stop();
     let dead_letters = broker.drain(&dead);

@@ -166,6 +166,30 @@ impl TestBroker {
     }
 
     /// Messages ready in `queue` (not counting unacked ones).
+    /// Waits until the number of ready messages in `queue` satisfies `done`; returns it.
+    /// Panics, saying what was awaited, after `timeout`. The one poll loop the tests share:
+    /// the broker does not push queue counts, so they are read every 50 ms.
+    pub fn wait_for_ready(
+        &self,
+        queue: &str,
+        what: &str,
+        timeout: std::time::Duration,
+        done: impl Fn(u32) -> bool,
+    ) -> u32 {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let count = self.ready_count(queue);
+            if done(count) {
+                return count;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{queue}: {what} within {timeout:?}; {count} ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn ready_count(&self, queue: &str) -> u32 {
         self.channel()
             .queue_declare_passive(queue)
