@@ -50,11 +50,6 @@ impl Histogram {
         self.total += 1;
     }
 
-    /// Values recorded.
-    pub fn count(&self) -> u64 {
-        self.total
-    }
-
     /// The value at quantile `q` (0.0..=1.0), as its bucket's lower bound; 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.total == 0 {

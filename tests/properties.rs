@@ -5,7 +5,7 @@
 
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
 use flagshed::config::{Config, ConfigError};
-use flagshed::flags::evaluate::evaluate_number;
+use flagshed::flags::evaluate::evaluate_flag;
 use flagshed::flags::file::{self, FlagFileError};
 use flagshed::flags::store::{DataEvent, FlagStore};
 use flagshed::job::{
@@ -656,7 +656,7 @@ fn evaluate_everything(event: DataEvent) {
     for key in store.snapshot().flags.keys() {
         // What the flag source thread calls: it guards the evaluator against data that
         // would overflow its stack or never finish.
-        let _ = evaluate_number(&store, key, &context);
+        let _ = evaluate_flag(&store, key, &context);
     }
 }
 

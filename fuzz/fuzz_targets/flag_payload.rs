@@ -6,7 +6,7 @@
 
 #![no_main]
 
-use flagshed::flags::evaluate::evaluate_number;
+use flagshed::flags::evaluate::evaluate_flag;
 use flagshed::flags::file;
 use flagshed::flags::store::{DataEvent, FlagStore};
 use flagshed::launchdarkly::protocol::{self, ProtocolError};
@@ -27,7 +27,7 @@ fn apply_and_evaluate(event: DataEvent) {
     for key in store.snapshot().flags.keys() {
         // What the flag source thread calls: it guards the evaluator against data that would
         // overflow its stack or never finish.
-        let _ = evaluate_number(&store, key, &context);
+        let _ = evaluate_flag(&store, key, &context);
     }
 }
 

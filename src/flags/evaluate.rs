@@ -21,16 +21,6 @@ pub const MAX_DEPENDENCY_DEPTH: usize = 64;
 /// The most flag and segment visits one evaluation may make (paths through the dependencies).
 pub const MAX_EVALUATION_STEPS: u64 = 10_000;
 
-/// A watched flag's value for one context.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Evaluated {
-    Number(f64),
-    /// The flag does not exist (never defined, or deleted): the fallback applies.
-    Missing,
-    /// The flag exists but gives no usable number; says why, for a warning.
-    Bad(String),
-}
-
 /// What evaluating a flag gave, before it is read as a number or a boolean.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -75,18 +65,6 @@ pub fn evaluate_flag(store: &FlagStore, key: &str, context: &Context) -> Evaluat
         },
         variation: detail.variation_index.and_then(|i| usize::try_from(i).ok()),
         version,
-    }
-}
-
-/// Evaluates flag `key` for `context` as a number.
-pub fn evaluate_number(store: &FlagStore, key: &str, context: &Context) -> Evaluated {
-    match evaluate_flag(store, key, context).outcome {
-        Outcome::Value(value) => match value.as_float() {
-            Some(number) => Evaluated::Number(number),
-            None => Evaluated::Bad(format!("value {} is not a number", describe(&value))),
-        },
-        Outcome::Missing => Evaluated::Missing,
-        Outcome::Bad(why) => Evaluated::Bad(why),
     }
 }
 
@@ -213,6 +191,29 @@ fn check_depth(store: &FlagStore, key: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A watched flag's value for one context.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Evaluated {
+        Number(f64),
+        /// The flag does not exist (never defined, or deleted): the fallback applies.
+        Missing,
+        /// The flag exists but gives no usable number; says why, for a warning.
+        Bad(String),
+    }
+
+    /// Evaluates flag `key` for `context` as a number.
+    fn evaluate_number(store: &FlagStore, key: &str, context: &Context) -> Evaluated {
+        match evaluate_flag(store, key, context).outcome {
+            Outcome::Value(value) => match value.as_float() {
+                Some(number) => Evaluated::Number(number),
+                None => Evaluated::Bad(format!("value {} is not a number", describe(&value))),
+            },
+            Outcome::Missing => Evaluated::Missing,
+            Outcome::Bad(why) => Evaluated::Bad(why),
+        }
+    }
+
     use crate::flags::store::{AllData, DataEvent};
     use launchdarkly_server_sdk_evaluation::ContextBuilder;
     use serde_json::json;
