@@ -20,10 +20,10 @@ use crate::job::{HEADER_CREATED_MS, HEADER_DEADLINE_MS, HEADER_WORK_MS};
 use crate::ledger::QueuerLedger;
 use crate::metrics::QueuerMetrics;
 use crate::notify::Notifier;
-use crate::service::{self, DaemonError, Role};
+use crate::service::{self, DaemonError, Link, Role, StatsTicker, watchdog_ticker};
 use crate::signals::Signal;
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, FieldTable, Publish};
-use crossbeam_channel::{Receiver, never, select, tick};
+use crossbeam_channel::{Receiver, never, select};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,14 +53,12 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
         audit,
         awaiting_confirm: std::collections::VecDeque::new(),
         sent_at: std::collections::VecDeque::new(),
-        stats: tick(config.log.stats_interval),
+        stats: StatsTicker::new(config.log.stats_interval),
         config,
         env: &env,
         ledger: QueuerLedger::default(),
         stopping: None,
-        ready_sent: false,
-        broker_down: None,
-        node: None,
+        link: Link::default(),
         last_stats: (Instant::now(), 0),
         rate_uses: Tally::default(),
         tally_sent: Instant::now(),
@@ -93,13 +91,11 @@ struct Queuer<'e, 'a> {
     env: &'e QueuerEnv<'a>,
     publisher: Publisher,
     ledger: QueuerLedger,
-    stats: Receiver<Instant>,
+    stats: StatsTicker,
     /// When stopping, the moment the wait for confirms ends.
     stopping: Option<Instant>,
-    ready_sent: bool,
-    broker_down: Option<Instant>,
-    /// The node of the live connection (`host:port`), for the stats line.
-    node: Option<String>,
+    /// The connection as systemd and the logs see it: node in use, outage, READY sent.
+    link: Link,
     last_stats: (Instant, u64),
     audit: Option<AuditLog>,
     /// With an audit trail: the sequence numbers of publishes awaiting a confirm, in publish
@@ -132,33 +128,24 @@ impl Supervised for Queuer<'_, '_> {
         } else {
             never()
         };
-        self.node = Some(session.node.clone());
         if let Some(metrics) = &self.env.metrics {
             metrics.broker(Some(&session.node));
         }
-        match self.broker_down.take() {
-            Some(since) => log::info!(
-                "reconnected to RabbitMQ at {} after {} ms",
-                session.endpoint,
-                since.elapsed().as_millis()
-            ),
-            None => log::info!(
-                "publishing to queue {:?} at {} (confirms {})",
-                self.config.broker.queue,
-                session.endpoint,
-                if self.config.queuer.confirms {
-                    "on"
-                } else {
-                    "off"
-                }
-            ),
-        }
-        if !self.ready_sent {
-            self.env
-                .notifier
-                .ready(&format!("publishing to {}", self.config.broker.queue));
-            self.ready_sent = true;
-        }
+        let config = &self.config;
+        self.link.connected(
+            &session.node,
+            &session.endpoint.to_string(),
+            self.env.notifier,
+            || {
+                format!(
+                    "publishing to queue {:?} at {} (confirms {})",
+                    config.broker.queue,
+                    session.endpoint,
+                    if config.queuer.confirms { "on" } else { "off" }
+                )
+            },
+            &format!("publishing to {}", config.broker.queue),
+        );
         self.pass(Some(session), Some(&confirms), None)
     }
 
@@ -172,20 +159,9 @@ impl Supervised for Queuer<'_, '_> {
             metrics.lost(unconfirmed);
             metrics.broker(None);
         }
-        if self.broker_down.is_none() {
-            if self.ready_sent {
-                log::error!(
-                    "lost RabbitMQ: {reason}; {unconfirmed} unconfirmed publishes are not counted as published; reconnecting"
-                );
-            } else {
-                log::error!("{reason}; retrying");
-            }
-            self.env
-                .notifier
-                .status(&format!("broker unreachable: {reason}; reconnecting"));
-            self.broker_down = Some(Instant::now());
-        }
-        self.node = None;
+        self.link.lost(reason, self.env.notifier, || {
+            format!("{unconfirmed} unconfirmed publishes are not counted as published")
+        });
     }
 
     fn stop_after_loss(&self) -> bool {
@@ -242,11 +218,7 @@ impl Queuer<'_, '_> {
         retry_at: Option<Instant>,
     ) -> SessionEnd {
         let mut smoother = ConfirmSmoother::new();
-        let watchdog = self
-            .env
-            .notifier
-            .watchdog_interval()
-            .map_or_else(never, tick);
+        let watchdog = watchdog_ticker(self.env.notifier);
         let retry = retry_at.map_or_else(never, crossbeam_channel::at);
         let no_confirms = never();
         let confirms = confirms.unwrap_or(&no_confirms);
@@ -304,7 +276,7 @@ impl Queuer<'_, '_> {
             }
             let wait = self.pacing_wait(credit);
             // A reload may replace the stats ticker, so it is taken afresh each time round.
-            let stats = self.stats.clone();
+            let stats = self.stats.receiver();
             select! {
                 recv(confirms) -> confirm => match confirm {
                     Ok(confirm) => {
@@ -400,9 +372,7 @@ impl Queuer<'_, '_> {
             self.env.flags,
             self.env.notifier,
         ) {
-            if new.log.stats_interval != self.config.log.stats_interval {
-                self.stats = tick(new.log.stats_interval);
-            }
+            self.stats.set_interval(new.log.stats_interval);
             self.publisher.reconfigure(&new);
             self.config = new;
             self.env.notifier.ready("reloaded");
@@ -413,12 +383,9 @@ impl Queuer<'_, '_> {
         let elapsed = self.last_stats.0.elapsed().as_secs_f64().max(1e-3);
         let per_sec = (self.ledger.published - self.last_stats.1) as f64 / elapsed;
         format!(
-            "stats role=queuer {} published_per_sec={per_sec:.1} broker={} {}",
+            "stats role=queuer {} published_per_sec={per_sec:.1} {} {}",
             self.ledger,
-            match &self.node {
-                Some(node) => format!("up broker_node={node}"),
-                None => "down broker_node=-".to_owned(),
-            },
+            self.link.broker_fields(),
             service::flag_fields(&self.env.values)
         )
     }

@@ -172,3 +172,135 @@ pub fn flag_fields(values: &FlagValues) -> String {
         values.age_ms()
     )
 }
+
+/// Where a daemon's loop stands with RabbitMQ and systemd: the node in use, since when the
+/// broker is unreachable, whether READY was sent. Both loops keep one and log connections
+/// and outages through it, so the two daemons say the same things the same way.
+#[derive(Debug, Default)]
+pub struct Link {
+    ready_sent: bool,
+    down_since: Option<std::time::Instant>,
+    node: Option<String>,
+}
+
+impl Link {
+    /// A new connection to `node` at `endpoint`: logs `first` on the first one, how long the
+    /// outage lasted on a reconnection (with `resumed`), and tells systemd READY once.
+    pub fn connected(
+        &mut self,
+        node: &str,
+        endpoint: &str,
+        notifier: &Notifier,
+        first: impl FnOnce() -> String,
+        resumed: &str,
+    ) {
+        self.node = Some(node.to_owned());
+        match self.down_since.take() {
+            Some(since) => log::info!(
+                "reconnected to RabbitMQ at {endpoint} after {} ms; {resumed}",
+                since.elapsed().as_millis()
+            ),
+            None => log::info!("{}", first()),
+        }
+        if !self.ready_sent {
+            notifier.ready(resumed);
+            self.ready_sent = true;
+        }
+    }
+
+    /// The connection (or an attempt) failed: logs the outage once, with `lost` (what was
+    /// given up) once the daemon had been connected, and tells systemd.
+    pub fn lost(&mut self, reason: &str, notifier: &Notifier, lost: impl FnOnce() -> String) {
+        if self.down_since.is_none() {
+            if self.ready_sent {
+                let lost = lost();
+                log::error!("lost RabbitMQ: {reason}; {lost}; reconnecting");
+            } else {
+                log::error!("{reason}; retrying");
+            }
+            notifier.status(&format!("broker unreachable: {reason}; reconnecting"));
+            self.down_since = Some(std::time::Instant::now());
+        }
+        self.node = None;
+    }
+
+    /// The stats line's `broker=up broker_node=host:port` (or `down broker_node=-`).
+    pub fn broker_fields(&self) -> String {
+        match &self.node {
+            Some(node) => format!("broker=up broker_node={node}"),
+            None => "broker=down broker_node=-".to_owned(),
+        }
+    }
+}
+
+/// A loop's stats ticker, remade when a reload changes the interval.
+pub struct StatsTicker {
+    interval: std::time::Duration,
+    rx: crossbeam_channel::Receiver<std::time::Instant>,
+}
+
+impl StatsTicker {
+    /// Ticks every `interval`.
+    pub fn new(interval: std::time::Duration) -> StatsTicker {
+        StatsTicker {
+            interval,
+            rx: crossbeam_channel::tick(interval),
+        }
+    }
+
+    /// The receiver to select on; taken afresh each time round, since a reload may replace it.
+    pub fn receiver(&self) -> crossbeam_channel::Receiver<std::time::Instant> {
+        self.rx.clone()
+    }
+
+    /// Applies a reloaded interval.
+    pub fn set_interval(&mut self, interval: std::time::Duration) {
+        if interval != self.interval {
+            *self = StatsTicker::new(interval);
+        }
+    }
+}
+
+/// The ticker for systemd's watchdog, at half its interval; never, without one.
+pub fn watchdog_ticker(notifier: &Notifier) -> crossbeam_channel::Receiver<std::time::Instant> {
+    notifier
+        .watchdog_interval()
+        .map_or_else(crossbeam_channel::never, crossbeam_channel::tick)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_tells_which_node_is_in_use_and_logs_an_outage_once() {
+        let notifier = Notifier::disabled();
+        let mut link = Link::default();
+        assert_eq!(link.broker_fields(), "broker=down broker_node=-");
+        link.connected(
+            "10.0.0.1:5672",
+            "amqp://10.0.0.1:5672",
+            &notifier,
+            || "first".into(),
+            "x",
+        );
+        assert_eq!(link.broker_fields(), "broker=up broker_node=10.0.0.1:5672");
+        let mut described = 0;
+        for _ in 0..3 {
+            link.lost("refused", &notifier, || {
+                described += 1;
+                "nothing lost".into()
+            });
+        }
+        assert_eq!(described, 1, "one outage, one line");
+        assert_eq!(link.broker_fields(), "broker=down broker_node=-");
+        link.connected(
+            "10.0.0.2:5672",
+            "amqp://10.0.0.2:5672",
+            &notifier,
+            || unreachable!(),
+            "x",
+        );
+        assert_eq!(link.broker_fields(), "broker=up broker_node=10.0.0.2:5672");
+    }
+}

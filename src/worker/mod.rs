@@ -37,7 +37,7 @@ use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
 use crate::notify::Notifier;
 use crate::retries::RetryCounts;
-use crate::service::{self, DaemonError, Role};
+use crate::service::{self, DaemonError, Link, Role, StatsTicker, watchdog_ticker};
 use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use crate::throttle::Throttle;
@@ -124,7 +124,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     let estimates = WorkEstimates::new(config.worker.estimate, config.worker.max_job_types);
     let mut worker = Worker {
         policy: Policy::from_config(&config),
-        stats: tick(config.log.stats_interval),
+        stats: StatsTicker::new(config.log.stats_interval),
         config,
         env: &env,
         task_tx,
@@ -138,9 +138,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ledger: WorkerLedger::default(),
         draining: None,
         cancelled: false,
-        ready_sent: false,
-        broker_down: None,
-        node: None,
+        link: Link::default(),
         last_stats: (Instant::now(), 0),
         malformed_warnings: Throttle::new("malformed jobs"),
         failure_warnings: Throttle::new("failed jobs"),
@@ -197,7 +195,7 @@ struct Worker<'e, 'a> {
     task_tx: Sender<Task>,
     task_rx: Receiver<Task>,
     done_rx: Receiver<Completion>,
-    stats: Receiver<Instant>,
+    stats: StatsTicker,
     /// Counts connections; tasks carry it so completions from a dead channel are recognised.
     generation: u64,
     /// Deliveries held on this connection (with their job type's slot), running or decided,
@@ -214,11 +212,9 @@ struct Worker<'e, 'a> {
     draining: Option<Instant>,
     /// Whether the broker confirmed our cancel: no delivery can arrive after that.
     cancelled: bool,
-    ready_sent: bool,
-    /// Since when, and why, the broker is unreachable.
-    broker_down: Option<(Instant, String)>,
-    /// The node of the live connection (`host:port`), for the stats line.
-    node: Option<String>,
+
+    /// The connection as systemd and the logs see it: node in use, outage, READY sent.
+    link: Link,
     /// When the last stats line was logged, and the `done` count then.
     last_stats: (Instant, u64),
     malformed_warnings: Throttle,
@@ -290,31 +286,25 @@ impl Supervised for Worker<'_, '_> {
         self.cancelled = false;
         self.paused = false;
         self.window = AckWindow::new(usize::from(self.config.worker.prefetch));
-        self.node = Some(session.node.clone());
         if let Some(metrics) = &self.env.metrics {
             metrics.broker(Some(&session.node));
         }
-        match self.broker_down.take() {
-            Some((since, _)) => log::info!(
-                "reconnected to RabbitMQ at {} after {} ms; consuming from {:?}",
-                session.endpoint,
-                since.elapsed().as_millis(),
-                self.config.broker.queue
-            ),
-            None => log::info!(
-                "consuming from queue {:?} at {} (concurrency {}, prefetch {})",
-                self.config.broker.queue,
-                session.endpoint,
-                self.config.worker.concurrency,
-                self.config.worker.prefetch
-            ),
-        }
-        if !self.ready_sent {
-            self.env
-                .notifier
-                .ready(&format!("consuming from {}", self.config.broker.queue));
-            self.ready_sent = true;
-        }
+        let config = &self.config;
+        self.link.connected(
+            &session.node,
+            &session.endpoint.to_string(),
+            self.env.notifier,
+            || {
+                format!(
+                    "consuming from queue {:?} at {} (concurrency {}, prefetch {})",
+                    config.broker.queue,
+                    session.endpoint,
+                    config.worker.concurrency,
+                    config.worker.prefetch
+                )
+            },
+            &format!("consuming from {}", config.broker.queue),
+        );
         loop {
             match self.pass(Some(&consumer), None) {
                 PassEnd::Session(end) => return end,
@@ -346,21 +336,12 @@ impl Supervised for Worker<'_, '_> {
         }
         self.stale_running += running;
         self.flush_at = None;
-        if self.broker_down.is_none() {
-            if self.generation == 0 {
-                log::error!("{reason}; retrying");
-            } else {
-                log::error!(
-                    "lost RabbitMQ: {reason}; {} unsettled jobs go back to the queue; reconnecting",
-                    unsent as u64 + unstarted + running
-                );
-            }
-            self.env
-                .notifier
-                .status(&format!("broker unreachable: {reason}; reconnecting"));
-            self.broker_down = Some((Instant::now(), reason.to_owned()));
-        }
-        self.node = None;
+        self.link.lost(reason, self.env.notifier, || {
+            format!(
+                "{} unsettled jobs go back to the queue",
+                unsent as u64 + unstarted + running
+            )
+        });
         if let Some(metrics) = &self.env.metrics {
             metrics.broker(None);
         }
@@ -385,11 +366,7 @@ impl Worker<'_, '_> {
     /// reconnect until `retry_at`.
     fn pass(&mut self, consumer: Option<&Consumer<'_>>, retry_at: Option<Instant>) -> PassEnd {
         let closed = never();
-        let watchdog = self
-            .env
-            .notifier
-            .watchdog_interval()
-            .map_or_else(never, tick);
+        let watchdog = watchdog_ticker(self.env.notifier);
         let retry = retry_at.map_or_else(never, crossbeam_channel::at);
         // Owned handles, so the select below does not borrow `self`, which its arms mutate.
         // Taken once per pass, not per event: these two never change while the pass runs.
@@ -413,7 +390,7 @@ impl Worker<'_, '_> {
             let flush_timer = flush_timer.at(self.flush_at);
             let retry_due = retry_timer.at(self.retry_later.front().map(|&(at, _)| at));
             // A reload may replace the stats ticker, so it is taken afresh each time round.
-            let stats = self.stats.clone();
+            let stats = self.stats.receiver();
             select! {
                 recv(deliveries) -> message => {
                     match message {
@@ -874,9 +851,7 @@ impl Worker<'_, '_> {
         if let Some(metrics) = &self.env.metrics {
             metrics.refresh_work_estimates(&self.estimates, self.policy.defaults.work_ms);
         }
-        if new.log.stats_interval != self.config.log.stats_interval {
-            self.stats = tick(new.log.stats_interval);
-        }
+        self.stats.set_interval(new.log.stats_interval);
         self.config = new;
         self.env.notifier.ready("reloaded");
     }
@@ -888,11 +863,8 @@ impl Worker<'_, '_> {
         let mut line = String::from("stats role=worker ");
         self.ledger.write_fields(&mut line);
         line.push_str(&format!(
-            " done_per_sec={done_per_sec:.1} broker={} {}",
-            match &self.node {
-                Some(node) => format!("up broker_node={node}"),
-                None => "down broker_node=-".to_owned(),
-            },
+            " done_per_sec={done_per_sec:.1} {} {}",
+            self.link.broker_fields(),
             service::flag_fields(&self.env.values)
         ));
         self.estimates
