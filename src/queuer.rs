@@ -74,7 +74,7 @@ pub fn run(config: Config, env: QueuerEnv<'_>) -> Result<QueuerLedger, DaemonErr
 }
 
 /// How long every publish may be refused before the connection is replaced.
-const REFUSED_FOR: Duration = Duration::from_secs(5);
+const REFUSED_FOR: Duration = Duration::from_secs(2);
 /// The fewest refusals in a row that count, so a slow trickle of publishes is not judged on
 /// one or two.
 const REFUSED_AT_LEAST: u64 = 10;
