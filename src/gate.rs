@@ -6,19 +6,21 @@
 //! it when the task is done, so lowering the limit lets running jobs finish and holds the
 //! next ones back; raising it wakes waiting threads at once.
 
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 
-/// The limit and how many threads are past it.
+/// The limit and how many threads are past it. Entering and leaving are one atomic operation
+/// each while there is room (every job passes the gate twice); the lock and condition variable
+/// are only for threads that must wait. The counters are sequentially consistent: a leaving
+/// thread that reads no waiter and a waiting thread that reads no room cannot both be right.
 #[derive(Debug)]
 pub struct Gate {
-    state: Mutex<State>,
+    limit: AtomicUsize,
+    inside: AtomicUsize,
+    /// Threads waiting (or about to) for room.
+    waiting: AtomicUsize,
+    lock: Mutex<()>,
     changed: Condvar,
-}
-
-#[derive(Debug)]
-struct State {
-    limit: usize,
-    inside: usize,
 }
 
 /// A thread's place past the gate; dropping it lets the next one in.
@@ -31,49 +33,81 @@ impl Gate {
     /// A gate that lets `limit` threads in.
     pub fn new(limit: usize) -> Gate {
         Gate {
-            state: Mutex::new(State {
-                limit: limit.max(1),
-                inside: 0,
-            }),
+            limit: AtomicUsize::new(limit.max(1)),
+            inside: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            lock: Mutex::new(()),
             changed: Condvar::new(),
+        }
+    }
+
+    /// Takes a place if there is room.
+    fn try_enter(&self) -> bool {
+        let mut inside = self.inside.load(Ordering::SeqCst);
+        loop {
+            if inside >= self.limit.load(Ordering::SeqCst) {
+                return false;
+            }
+            match self.inside.compare_exchange_weak(
+                inside,
+                inside + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(now) => inside = now,
+            }
         }
     }
 
     /// Waits until fewer than the limit are inside, then enters.
     pub fn enter(&self) -> Pass<'_> {
-        let mut state = self.lock();
-        while state.inside >= state.limit {
-            state = self
+        if self.try_enter() {
+            return Pass { gate: self };
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock: a thread leaving, or a raised limit, notifies under it too,
+        // so no wake-up is missed between the check and the wait.
+        while !self.try_enter() {
+            guard = self
                 .changed
-                .wait(state)
+                .wait(guard)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        state.inside += 1;
+        drop(guard);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
         Pass { gate: self }
     }
 
     /// Changes the limit (at least one); threads waiting are woken if there is room now.
     pub fn set_limit(&self, limit: usize) {
-        self.lock().limit = limit.max(1);
-        self.changed.notify_all();
+        self.limit.store(limit.max(1), Ordering::SeqCst);
+        self.wake(true);
     }
 
     /// The limit in force.
     pub fn limit(&self) -> usize {
-        self.lock().limit
+        self.limit.load(Ordering::SeqCst)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is two counters, consistent after every statement: a panic elsewhere
-        // cannot leave it half-changed.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn wake(&self, all: bool) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if all {
+            self.changed.notify_all();
+        } else {
+            self.changed.notify_one();
+        }
     }
 }
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        self.gate.lock().inside -= 1;
-        self.gate.changed.notify_one();
+        self.gate.inside.fetch_sub(1, Ordering::SeqCst);
+        self.gate.wake(false);
     }
 }
 
@@ -122,6 +156,6 @@ mod tests {
         for t in threads {
             t.join().expect("thread");
         }
-        assert_eq!(gate.lock().inside, 0);
+        assert_eq!(gate.inside.load(Ordering::SeqCst), 0);
     }
 }
