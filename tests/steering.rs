@@ -213,10 +213,17 @@ fn a_rule_on_the_job_type_sheds_only_that_type_and_every_decision_is_counted_in_
     assert!(counted, "summary counts {seen:?}, jobs decided {received}");
     let (_, kinds, by_value) = &seen;
     assert_eq!(kinds, &["job", "service"], "{seen:?}");
-    // The two warm-up jobs were decided on the service-wide value (0), before their types had
-    // evaluations of their own.
-    assert_eq!(by_value.get("80"), Some(&200), "{seen:?}");
-    assert_eq!(by_value.get("0"), Some(&202), "{seen:?}");
+    // Every thumbnail but perhaps the first was decided on its type's value (80): the first
+    // of a type is decided on the service-wide value (0) unless the flag source evaluated the
+    // new type first. Every payment was decided on 0.
+    let (at_80, at_0) = (by_value.get("80").copied(), by_value.get("0").copied());
+    assert!(
+        matches!(
+            (at_80, at_0),
+            (Some(200), Some(202)) | (Some(201), Some(201))
+        ),
+        "{seen:?}"
+    );
     let contexts = index_contexts(&fake);
     let job_keys: Vec<&str> = contexts
         .iter()
