@@ -590,7 +590,11 @@ impl Worker<'_, '_> {
         match verdict {
             Verdict::Run => {
                 let body = std::mem::take(&mut delivery.body);
-                let properties = delivery.properties.clone();
+                // The task takes the properties; the delivery keeps only what settling it
+                // reads (the id, for the audit trail and warnings; the delivery count, for
+                // retries), rather than a copy of every header per job.
+                let properties = std::mem::take(&mut delivery.properties);
+                delivery.properties = settle::kept_for_settling(&properties);
                 let redelivered = delivery.redelivered;
                 self.window.hold(tag, (delivery, slot));
                 let task = Task {

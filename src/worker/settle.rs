@@ -29,6 +29,25 @@ pub(super) fn delivery_count(properties: &AmqpProperties) -> u32 {
     u32::try_from(count.ok().flatten().unwrap_or(0)).unwrap_or(u32::MAX)
 }
 
+/// What of a running job's properties the consumer thread still reads once the pool has the
+/// rest: its `message_id` and, on a quorum queue, its delivery count.
+pub(super) fn kept_for_settling(properties: &AmqpProperties) -> AmqpProperties {
+    let mut kept = AmqpProperties::default();
+    if let Some(id) = properties.message_id() {
+        kept = kept.with_message_id(id.clone());
+    }
+    if let Some(count) = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get(HEADER_DELIVERY_COUNT))
+    {
+        let mut headers = amiquip::FieldTable::new();
+        headers.insert(HEADER_DELIVERY_COUNT.to_owned(), count.clone());
+        kept = kept.with_headers(headers);
+    }
+    kept
+}
+
 /// One ack, reject or nack frame; `multiple` settles every delivery up to this one.
 pub(super) fn send_frame(
     consumer: &Consumer<'_>,
@@ -49,6 +68,29 @@ pub(super) fn send_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settling_keeps_the_id_and_the_delivery_count_only() {
+        let mut headers = amiquip::FieldTable::new();
+        headers.insert(
+            HEADER_DELIVERY_COUNT.to_owned(),
+            amiquip::AmqpValue::LongLongInt(3),
+        );
+        headers.insert("x-work-ms".to_owned(), amiquip::AmqpValue::LongLongInt(9));
+        let full = AmqpProperties::default()
+            .with_message_id("job-1".into())
+            .with_type_("thumbnail".into())
+            .with_headers(headers);
+        let kept = kept_for_settling(&full);
+        assert_eq!(kept.message_id().as_deref(), Some("job-1"));
+        assert_eq!(delivery_count(&kept), 3);
+        assert_eq!(kept.type_(), &None);
+        assert_eq!(kept.headers().as_ref().map(|h| h.len()), Some(1));
+        assert_eq!(
+            delivery_count(&kept_for_settling(&AmqpProperties::default())),
+            0
+        );
+    }
 
     #[test]
     fn retry_and_timeout_map_to_their_dispositions() {
