@@ -6,6 +6,8 @@
 //! loop, the one load each job does. Run with `cargo bench --bench flag_propagation`; it is a
 //! plain program (`harness = false`), printing a small table.
 
+#[path = "../tests/support/accept.rs"]
+mod accept;
 #[path = "../tests/support/fake_ld.rs"]
 mod fake_ld;
 

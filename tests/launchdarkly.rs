@@ -118,12 +118,7 @@ fn source_settings(
 }
 
 fn start_source(settings: SourceSettings) -> (FlagSource, Arc<FlagValues>) {
-    let values = Arc::new(FlagValues::new(
-        settings.flags.skip_rate_fallback,
-        settings.flags.rate_fallback,
-    ));
-    let source = FlagSource::spawn(settings, Arc::clone(&values)).expect("spawn the flag source");
-    (source, values)
+    support::fake_ld::start_flag_source(settings)
 }
 
 /// A fake serving skip-rate 25 % and task-rate 40/s.

@@ -81,13 +81,10 @@ fn config(uri: &str, extra: &str, vars: &[(&'static str, String)]) -> Config {
 
 /// Starts a flag source as the worker daemon would for `config`.
 fn start_source(config: &Config) -> (FlagSource, Arc<FlagValues>) {
-    let settings = flagshed::service::source_settings(config, flagshed::service::Role::Worker);
-    let values = Arc::new(FlagValues::new(
-        settings.flags.skip_rate_fallback,
-        settings.flags.rate_fallback,
-    ));
-    let source = FlagSource::spawn(settings, Arc::clone(&values)).expect("spawn the flag source");
-    (source, values)
+    support::fake_ld::start_flag_source(flagshed::service::source_settings(
+        config,
+        flagshed::service::Role::Worker,
+    ))
 }
 
 /// A fake serving skip-rate 25 %.

@@ -62,23 +62,16 @@ impl ConnectProxy {
             connections: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
         });
-        let accept_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("proxy-accept".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if accept_shared.stopping.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    accept_shared.connections.fetch_add(1, Ordering::Relaxed);
-                    let shared = Arc::clone(&accept_shared);
-                    let _ = std::thread::Builder::new()
-                        .name("proxy-conn".into())
-                        .spawn(move || serve(conn, &shared));
-                }
-            })
-            .expect("spawn the accept thread");
+        super::accept::spawn(
+            listener,
+            "proxy",
+            Arc::clone(&shared),
+            |s| s.stopping.load(Ordering::Relaxed),
+            |conn, s| {
+                s.connections.fetch_add(1, Ordering::Relaxed);
+                serve(conn, s);
+            },
+        );
         ConnectProxy { addr, shared }
     }
 

@@ -108,22 +108,13 @@ impl FakeLd {
             changed: Condvar::new(),
             stopping: AtomicBool::new(false),
         });
-        let accept_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("fake-ld-accept".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if accept_shared.stopping.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let shared = Arc::clone(&accept_shared);
-                    let _ = std::thread::Builder::new()
-                        .name("fake-ld-conn".into())
-                        .spawn(move || serve(conn, &shared));
-                }
-            })
-            .expect("spawn the accept thread");
+        super::accept::spawn(
+            listener,
+            "fake-ld",
+            Arc::clone(&shared),
+            |s| s.stopping.load(Ordering::Relaxed),
+            serve,
+        );
         FakeLd { addr, shared }
     }
 
@@ -561,4 +552,21 @@ fn serve(mut socket: TcpStream, shared: &Shared) {
             );
         }
     }
+}
+
+/// Starts a flag source with `settings`, values starting from their fallbacks, as a daemon
+/// would.
+pub fn start_flag_source(
+    settings: flagshed::flag_source::SourceSettings,
+) -> (
+    flagshed::flag_source::FlagSource,
+    std::sync::Arc<flagshed::flags::FlagValues>,
+) {
+    let values = std::sync::Arc::new(flagshed::flags::FlagValues::new(
+        settings.flags.skip_rate_fallback,
+        settings.flags.rate_fallback,
+    ));
+    let source = flagshed::flag_source::FlagSource::spawn(settings, std::sync::Arc::clone(&values))
+        .expect("spawn the flag source");
+    (source, values)
 }

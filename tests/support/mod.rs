@@ -2,6 +2,7 @@
 //! with a temporary config, and (for flag tests) a fake LaunchDarkly service.
 #![allow(dead_code)]
 
+pub mod accept;
 pub mod broker;
 pub mod capture;
 pub mod connect_proxy;
