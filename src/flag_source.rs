@@ -847,15 +847,7 @@ impl SourceThread {
 /// Warns about each item of a data set that did not parse (the store keeps what it held).
 fn warn_unusable(all: &AllData) {
     for (item, why) in &all.unusable {
-        let mut why = why.clone();
-        if why.len() > 200 {
-            let mut end = 200;
-            while !why.is_char_boundary(end) {
-                end -= 1;
-            }
-            why.truncate(end);
-            why.push_str("...");
-        }
+        let why = crate::logging::shortened(why, 200);
         log::warn!("flag data: {item} is not usable ({why}); keeping what was held for it");
     }
 }

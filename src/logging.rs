@@ -98,6 +98,19 @@ pub fn set_level(level: log::LevelFilter) {
     }
 }
 
+/// `text` cut to at most `max` bytes (on a character boundary) for a log line, saying how
+/// long it was: values and parser messages from outside can be megabytes.
+pub fn shortened(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
+}
+
 /// sd-daemon(3) priorities: error 3, warning 4, info 6, debug 7.
 fn syslog_priority(level: log::Level) -> u8 {
     match level {

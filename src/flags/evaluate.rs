@@ -75,14 +75,7 @@ const DESCRIBE_MAX: usize = 80;
 /// A flag value as JSON for a log line, cut short when long.
 pub fn describe(value: &FlagValue) -> String {
     let text = serde_json::to_string(value).unwrap_or_else(|_| "(unprintable)".to_owned());
-    if text.len() <= DESCRIBE_MAX {
-        return text;
-    }
-    let mut end = DESCRIBE_MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}... ({} bytes)", &text[..end], text.len())
+    crate::logging::shortened(&text, DESCRIBE_MAX).into_owned()
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
