@@ -908,17 +908,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn context_kinds_list_every_kind_of_a_multi_context_once() {
-        let job = ContextBuilder::new("resize")
+    /// The multi-context of a service and a job type, as the worker evaluates the skip rate.
+    fn service_and_job(host: &str, job_type: &str) -> Context {
+        let job = ContextBuilder::new(job_type)
             .kind("job")
             .build()
             .expect("valid context");
-        let multi = MultiContextBuilder::new()
-            .add_context(service("host-1"))
+        MultiContextBuilder::new()
+            .add_context(service(host))
             .add_context(job)
             .build()
-            .expect("valid multi-context");
+            .expect("valid multi-context")
+    }
+
+    #[test]
+    fn context_kinds_list_every_kind_of_a_multi_context_once() {
+        let multi = service_and_job("host-1", "resize");
         let mut outbox = Outbox::new(100, 100);
         outbox.add(&eval("rate", Some(1), Some(0), json!(1)));
         outbox.add(&Evaluation {
@@ -996,15 +1001,7 @@ mod tests {
 
     #[test]
     fn multi_context_index_event_has_the_multi_shape() {
-        let job = ContextBuilder::new("resize")
-            .kind("job")
-            .build()
-            .expect("valid context");
-        let multi = MultiContextBuilder::new()
-            .add_context(service("host-1"))
-            .add_context(job)
-            .build()
-            .expect("valid multi-context");
+        let multi = service_and_job("host-1", "resize");
         let event = index_event(&multi, 1).expect("serialisable");
         assert_eq!(
             event["context"],
