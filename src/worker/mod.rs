@@ -240,23 +240,29 @@ struct Worker<'e, 'a> {
 
 /// A one-shot timer for the select loop, remade only when its moment changes: a fresh
 /// `crossbeam_channel::at` allocates, and the loop runs once per delivery.
-#[derive(Default)]
 struct Timer {
     at: Option<Instant>,
-    rx: Option<Receiver<Instant>>,
+    rx: Receiver<Instant>,
+}
+
+impl Default for Timer {
+    fn default() -> Timer {
+        Timer {
+            at: None,
+            rx: never(),
+        }
+    }
 }
 
 impl Timer {
-    /// The receiver that fires at `at` (never, for `None`).
-    fn at(&mut self, at: Option<Instant>) -> Receiver<Instant> {
-        if at != self.at || self.rx.is_none() {
+    /// The receiver that fires at `at` (never, for `None`), borrowed: no handle is cloned
+    /// per pass either.
+    fn at(&mut self, at: Option<Instant>) -> &Receiver<Instant> {
+        if at != self.at {
             self.at = at;
-            self.rx = Some(at.map_or_else(never, crossbeam_channel::at));
+            self.rx = at.map_or_else(never, crossbeam_channel::at);
         }
-        match &self.rx {
-            Some(rx) => rx.clone(),
-            None => never(),
-        }
+        &self.rx
     }
 }
 
