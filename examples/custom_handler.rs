@@ -10,8 +10,7 @@
 //! Build and run it like taskworker: `cargo build --release --example custom_handler`, then
 //! `target/release/examples/custom_handler --config /etc/flagshed/flagshed.toml`.
 
-use flagshed::clock::now_ms;
-use flagshed::handler::{Handler, HandlerError, Job};
+use flagshed::{Handler, HandlerError, Job, now_ms};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -50,5 +49,5 @@ impl Handler for WordCount {
 }
 
 fn main() -> ExitCode {
-    flagshed::daemon::run_worker_with(Arc::new(WordCount))
+    flagshed::run_worker_with(Arc::new(WordCount))
 }

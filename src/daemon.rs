@@ -2,8 +2,9 @@
 //! source and the handler, then the role's loop (`worker` or `queuer`); what the loops share
 //! while they run is in [`crate::service`].
 //!
-//! `main` in each binary is one call to [`main`], which turns every failure into a message and
-//! an exit code in one place: 0 clean stop, 78 (EX_CONFIG) bad configuration, 1 anything else.
+//! `main` in each binary is one call to [`run_taskworker`] or [`run_taskqueuer`], which turn
+//! every failure into a message and an exit code in one place: 0 clean stop, 78 (EX_CONFIG)
+//! bad configuration, 1 anything else.
 
 use crate::cli::{self, Command};
 use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind, Surroundings};
@@ -18,9 +19,14 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// The whole of each binary's `main`.
-pub fn main(role: Role) -> ExitCode {
-    main_with(role, None)
+/// The whole of taskworker's `main`: one call, so the binary holds no logic of its own.
+pub fn run_taskworker() -> ExitCode {
+    main_with(Role::Worker, None)
+}
+
+/// The whole of taskqueuer's `main`: one call, so the binary holds no logic of its own.
+pub fn run_taskqueuer() -> ExitCode {
+    main_with(Role::Queuer, None)
 }
 
 /// The whole taskworker daemon (arguments, config, signals, flags, systemd, drain) around a
@@ -193,13 +199,15 @@ fn serve_metrics(
     address: SocketAddr,
     metrics: Arc<dyn Scrape>,
 ) -> Result<MetricsServer, DaemonError> {
-    MetricsServer::start(address, metrics).map_err(|e| {
+    let server = MetricsServer::start(address, metrics).map_err(|e| {
         DaemonError::Config(ConfigError::Invalid {
             path: config.path.clone(),
             key,
             message: format!("cannot listen on {address}: {e}"),
         })
-    })
+    })?;
+    log::info!("serving metrics on http://{}/metrics", server.address());
+    Ok(server)
 }
 
 /// The handler `[handler]` asks for; `pool_threads` sizes the http handler's idle connections.

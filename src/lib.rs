@@ -7,32 +7,59 @@
 //! that under overload some jobs finish on time instead of none.
 //!
 //! See ARCHITECTURE.md for the threads, channels and who owns what.
+//!
+//! # As a library
+//! A worker binary whose jobs are Rust code implements [`Handler`] and hands it to
+//! [`run_worker_with`], which runs the whole taskworker daemon around it (see
+//! `examples/custom_handler.rs`). That, and the two daemons' entry points, is the public API.
+//! Every module is private to the crate, so the compiler reports code nothing uses; the
+//! `internals` feature opens them to this package's own tests and benches, and is not an
+//! interface to build on.
 
-pub mod ack_window;
-pub mod audit;
-pub mod backoff;
-pub mod broker;
-pub mod broker_address;
-pub mod cli;
-pub mod clock;
-pub mod config;
-pub mod daemon;
-pub mod flag_source;
-pub mod flags;
-pub mod gate;
-pub mod handler;
-pub mod histogram;
-pub mod job;
-pub mod launchdarkly;
-pub mod ledger;
-pub mod logging;
-pub mod metrics;
-pub mod notify;
-pub mod proxy;
-pub mod queuer;
-pub mod retries;
-pub mod service;
-pub mod shed;
-pub mod signals;
-pub mod throttle;
-pub mod worker;
+/// Declares the crate's modules: private to the crate, or public (and hidden from the docs)
+/// with the `internals` feature, which only this package's tests and benches turn on.
+macro_rules! modules {
+    ($($name:ident),* $(,)?) => {$(
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        pub mod $name;
+        #[cfg(not(feature = "internals"))]
+        mod $name;
+    )*};
+}
+
+modules!(
+    ack_window,
+    audit,
+    backoff,
+    broker,
+    broker_address,
+    cli,
+    clock,
+    config,
+    daemon,
+    flag_source,
+    flags,
+    gate,
+    handler,
+    histogram,
+    job,
+    launchdarkly,
+    ledger,
+    logging,
+    metrics,
+    notify,
+    proxy,
+    queuer,
+    retries,
+    service,
+    shed,
+    signals,
+    throttle,
+    worker,
+);
+
+pub use amiquip::{AmqpProperties, AmqpValue, FieldTable};
+pub use clock::now_ms;
+pub use daemon::{run_taskqueuer, run_taskworker, run_worker_with};
+pub use handler::{Handler, HandlerError, Job};

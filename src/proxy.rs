@@ -471,11 +471,6 @@ impl ProxyServer {
         format!("{}:{}", self.host, self.port)
     }
 
-    /// The variable that named this proxy.
-    pub fn variable(&self) -> &'static str {
-        self.variable
-    }
-
     /// The proxy for ureq's `AgentBuilder::proxy`.
     pub(crate) fn to_ureq(&self) -> ureq::Proxy {
         ureq::Proxy::new(self.ureq_spec()).expect("the proxy was checked with ureq when parsed")

@@ -1,6 +1,6 @@
 //! taskqueuer: publishes time-sensitive jobs at the rate a flag sets.
-//! Everything lives in the library; see `flagshed::queuer`.
+//! Everything lives in the library (its `queuer` module; ARCHITECTURE.md maps it).
 
 fn main() -> std::process::ExitCode {
-    flagshed::daemon::main(flagshed::service::Role::Queuer)
+    flagshed::run_taskqueuer()
 }

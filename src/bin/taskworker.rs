@@ -1,6 +1,6 @@
 //! taskworker: consumes time-sensitive jobs and sheds what cannot finish in time.
-//! Everything lives in the library; see `flagshed::worker`.
+//! Everything lives in the library (its `worker` module; ARCHITECTURE.md maps it).
 
 fn main() -> std::process::ExitCode {
-    flagshed::daemon::main(flagshed::service::Role::Worker)
+    flagshed::run_taskworker()
 }

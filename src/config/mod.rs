@@ -14,7 +14,7 @@ pub mod surroundings;
 mod validate;
 
 pub use raw::RawConfig;
-pub use surroundings::{BROKER_PASSWORD_CREDENTIAL, SDK_KEY_CREDENTIAL, SDK_KEY_ENV, Surroundings};
+pub use surroundings::Surroundings;
 
 use crate::broker_address::BrokerAddress;
 pub use crate::handler::estimate::EstimateSettings;
@@ -430,13 +430,15 @@ pub const MIN_POLL_INTERVAL_SECS: u64 = 30;
 
 impl Config {
     /// Reads and validates `path` with empty surroundings (see [`Config::parse`]). Any failure
-    /// names the file and the key.
+    /// names the file and the key. For tests, which must not depend on the environment.
+    #[cfg(any(test, feature = "internals"))]
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::load_in(path, &Surroundings::default())
     }
 
     /// Validates TOML text as if it had been read from `path`, with empty surroundings (no
-    /// SDK key or broker password from outside the file, host name `localhost`).
+    /// SDK key or broker password from outside the file, host name `localhost`). For tests.
+    #[cfg(any(test, feature = "internals"))]
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Config::parse_in(path, text, &Surroundings::default())
     }

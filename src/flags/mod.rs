@@ -157,7 +157,9 @@ pub struct FlagValues {
 }
 
 impl FlagValues {
-    /// Starts from the config's fallbacks, with no per-type slots.
+    /// Starts from the config's fallbacks, with no per-type slots: the queuer's values, and
+    /// tests'.
+    #[cfg(any(test, feature = "internals"))]
     pub fn new(skip_rate_percent: f64, rate_per_sec: f64) -> FlagValues {
         FlagValues::with_job_types(skip_rate_percent, rate_per_sec, 0)
     }
@@ -210,11 +212,6 @@ impl FlagValues {
             UNSET => None,
             word => Some(f64::from(Stamped(word).value()) / PPM_PER_PERCENT),
         }
-    }
-
-    /// How many per-type slots there are.
-    pub fn type_slots(&self) -> usize {
-        self.type_skip.len()
     }
 
     /// Skip rate in percent, for humans.

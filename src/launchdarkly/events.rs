@@ -160,7 +160,9 @@ pub struct Evaluation {
 /// time) for it; dropping the processor asks the thread to do the same without waiting.
 pub struct EventProcessor {
     inbox: Sender<Vec<Evaluation>>,
-    /// Capacity 1: a flush already asked for covers any asked for after it.
+    /// Capacity 1: a flush already asked for covers any asked for after it. Only tests ask for
+    /// one; the daemons' flushes come from the interval and `stop`.
+    #[cfg(any(test, feature = "internals"))]
     flush: Sender<()>,
     /// Never sent on: dropping it disconnects the thread's receiver, which tells it to stop.
     stop: Option<Sender<()>>,
@@ -189,7 +191,10 @@ impl EventProcessor {
     pub fn spawn(settings: EventSettings) -> std::io::Result<EventProcessor> {
         let capacity = settings.capacity.max(1);
         let (inbox_tx, inbox_rx) = bounded(capacity);
+#[cfg(any(test, feature = "internals"))]
         let (flush_tx, flush_rx) = bounded(1);
+        #[cfg(not(any(test, feature = "internals")))]
+        let flush_rx = crossbeam_channel::never();
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let (done_tx, done_rx) = bounded::<()>(0);
         let shared = Arc::new(Shared::default());
@@ -202,6 +207,7 @@ impl EventProcessor {
             })?;
         Ok(EventProcessor {
             inbox: inbox_tx,
+            #[cfg(any(test, feature = "internals"))]
             flush: flush_tx,
             stop: Some(stop_tx),
             done: done_rx,
@@ -233,8 +239,9 @@ impl EventProcessor {
             .fetch_add(lost, Ordering::Relaxed);
     }
 
-    /// Asks for a flush now (at shutdown, in tests) instead of at the next interval; does not
-    /// wait for it. Evaluations recorded before the call are in it.
+    /// Asks for a flush now instead of at the next interval, so tests need not wait for one;
+    /// does not wait for it. Evaluations recorded before the call are in it.
+    #[cfg(any(test, feature = "internals"))]
     pub fn flush(&self) {
         // Full means a flush is already asked for, and it will see these evaluations too.
         let _ = self.flush.try_send(());
@@ -249,6 +256,17 @@ impl EventProcessor {
                 if let Some(thread) = self.thread.take() {
                     let _ = thread.join();
                 }
+                // What the run cost in analytics, once, where an operator reads the exit.
+                match self.dropped_events() {
+                    0 => log::info!(
+                        "LaunchDarkly events: {} payloads posted, none dropped",
+                        self.posted_payloads()
+                    ),
+                    dropped => log::warn!(
+                        "LaunchDarkly events: {} payloads posted, {dropped} events dropped",
+                        self.posted_payloads()
+                    ),
+                }
             }
             Err(RecvTimeoutError::Timeout) => log::warn!(
                 "LaunchDarkly events: the last post did not finish within {STOP_WAIT:?}; \
@@ -257,15 +275,15 @@ impl EventProcessor {
         }
     }
 
-    /// How many payloads LaunchDarkly has accepted so far, for stats and metrics.
+    /// How many payloads LaunchDarkly has accepted so far (logged at stop).
     pub fn posted_payloads(&self) -> u64 {
         self.shared.posted_payloads.load(Ordering::Relaxed)
     }
 
     /// How many events will never reach LaunchDarkly: evaluations dropped on a full channel or
     /// in a payload that failed twice, and index events beyond the capacity or in such a
-    /// payload. For stats and metrics; a steady rise means the events service is unreachable
-    /// or the capacity too small.
+    /// payload (logged at stop). Many means the events service was unreachable or the capacity
+    /// too small.
     pub fn dropped_events(&self) -> u64 {
         self.shared.dropped_events.load(Ordering::Relaxed)
     }

@@ -32,7 +32,7 @@ mod worker;
 
 pub use queuer::QueuerMetrics;
 pub use server::MetricsServer;
-pub use text::{Kind, Text};
+pub use text::Text;
 pub use worker::WorkerMetrics;
 
 /// Something a scrape shows: a daemon's metrics, written into the scrape's text.

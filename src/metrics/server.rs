@@ -48,7 +48,6 @@ impl MetricsServer {
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || serve(server, address, source.as_ref(), &stopped))?;
-        log::info!("serving metrics on http://{address}/metrics");
         Ok(MetricsServer {
             address,
             stop,
