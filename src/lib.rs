@@ -49,6 +49,7 @@ modules!(
     logging,
     metrics,
     notify,
+    pacer,
     proxy,
     queuer,
     retries,

@@ -1,8 +1,8 @@
 //! taskqueuer's run loop: publishes jobs at the rate the rate flag asks for.
 //!
-//! One thread owns the AMQP channel. Pacing is a credit scheme: credit accrues at the current
-//! rate (re-read from the atomics on every pass), each publish spends one, and credit is capped
-//! at a few milliseconds' worth so a pause or a slow broker never turns into a burst. With
+//! One thread owns the AMQP channel. Pacing is [`Pacer`]'s credit scheme, at the current rate
+//! (re-read from the atomics on every pass), so a pause or a slow broker never turns into a
+//! burst. With
 //! publisher confirms (the default) a job counts as published only once the broker confirms
 //! it, and up to `confirm_window` publishes may await their confirm at once.
 //!
@@ -20,19 +20,13 @@ use crate::job::{HEADER_CREATED_MS, HEADER_DEADLINE_MS, HEADER_WORK_MS};
 use crate::ledger::QueuerLedger;
 use crate::metrics::QueuerMetrics;
 use crate::notify::Notifier;
+use crate::pacer::{MAX_PACING_SLEEP, Pacer};
 use crate::service::{self, DaemonError, Link, Role, StatsTicker, watchdog_ticker};
 use crate::signals::Signal;
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, FieldTable, Publish};
 use crossbeam_channel::{Receiver, never, select};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The longest the loop sleeps between looks at the rate flag, so a changed rate (or a rate
-/// leaving 0) takes effect promptly.
-const MAX_PACING_SLEEP: Duration = Duration::from_millis(50);
-
-/// Credit may build up to this much time's worth of jobs, and no more.
-const MAX_BURST: Duration = Duration::from_millis(10);
 
 /// What the queuer needs from the daemon around it.
 pub struct QueuerEnv<'a> {
@@ -224,8 +218,7 @@ impl Queuer<'_, '_> {
         let confirms = confirms.unwrap_or(&no_confirms);
         // Owned, so the select below does not borrow `self`, which its arms mutate.
         let signals = self.env.signals.clone();
-        let mut credit = 0.0_f64;
-        let mut last = Instant::now();
+        let mut pacer = Pacer::new(Instant::now());
         // Since when every confirm on this connection has been a nack, and how many.
         let mut refused: Option<(Instant, u64)> = None;
         loop {
@@ -234,12 +227,8 @@ impl Queuer<'_, '_> {
             }
             if let Some(session) = session {
                 if self.stopping.is_none() {
-                    let rate = self.env.values.rate_per_sec();
-                    let now = Instant::now();
-                    let burst = (rate * MAX_BURST.as_secs_f64()).max(1.0);
-                    credit = (credit + rate * now.duration_since(last).as_secs_f64()).min(burst);
-                    last = now;
-                    while credit >= 1.0 && self.window_open() && !self.limit_reached() {
+                    pacer.accrue(self.env.values.rate_per_sec(), Instant::now());
+                    while self.window_open() && !self.limit_reached() && pacer.take() {
                         if let Err(e) = self.publisher.publish(session, &self.config) {
                             return SessionEnd::Lost(e.to_string());
                         }
@@ -259,7 +248,6 @@ impl Queuer<'_, '_> {
                         } else if self.audit.is_some() {
                             self.awaiting_confirm.push_back(self.publisher.seq);
                         }
-                        credit -= 1.0;
                     }
                 }
                 let done_publishing = self.stopping.is_some() || self.limit_reached();
@@ -274,7 +262,7 @@ impl Queuer<'_, '_> {
                 );
                 return SessionEnd::Stop;
             }
-            let wait = self.pacing_wait(credit);
+            let wait = self.pacing_wait(&pacer);
             // A reload may replace the stats ticker, so it is taken afresh each time round.
             let stats = self.stats.receiver();
             select! {
@@ -353,13 +341,12 @@ impl Queuer<'_, '_> {
     /// How long to sleep: until the next job is due, but never past [`MAX_PACING_SLEEP`]. With
     /// the confirm window full, nothing can be sent before a confirm arrives, and the confirm
     /// wakes the loop: sleeping 0 there would spin, taking a core from the broker.
-    fn pacing_wait(&self, credit: f64) -> Duration {
+    fn pacing_wait(&self, pacer: &Pacer) -> Duration {
         if let Some(end) = self.stopping {
             return end.saturating_duration_since(Instant::now());
         }
-        let rate = self.env.values.rate_per_sec();
-        if rate > 0.0 && !self.limit_reached() && self.window_open() {
-            Duration::from_secs_f64(((1.0 - credit) / rate).max(0.0)).min(MAX_PACING_SLEEP)
+        if !self.limit_reached() && self.window_open() {
+            pacer.wait(self.env.values.rate_per_sec())
         } else {
             MAX_PACING_SLEEP
         }

@@ -217,8 +217,10 @@ fn delete_falls_back_to_the_config_fallback() {
 fn heartbeats_keep_the_connection() {
     capture_logs();
     let fake = fake_with_flags();
-    // Long enough that a stalled test machine does not fake a silent connection.
-    let read_timeout = Duration::from_millis(800);
+    // Heartbeats go out 40 times per read timeout: only a test thread held up for the whole
+    // timeout (2 s) could make the connection look silent. The kernel's socket timeout is the
+    // one clock here that a test cannot drive.
+    let read_timeout = Duration::from_secs(2);
     let (_handle, rx) = start_ld(LdSettings {
         read_timeout,
         ..ld_settings(&fake)
@@ -228,7 +230,7 @@ fn heartbeats_keep_the_connection() {
     let until = Instant::now() + read_timeout * 5 / 2;
     while Instant::now() < until {
         fake.push_heartbeat();
-        std::thread::sleep(read_timeout / 8);
+        std::thread::sleep(read_timeout / 40);
     }
     assert_eq!(fake.requests_to("/all").len(), 1, "no reconnection");
     assert_eq!(fake.open_streams(), 1);

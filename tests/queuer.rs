@@ -44,16 +44,21 @@ fn created(jobs: &[amiquip::AmqpProperties]) -> Vec<u64> {
         .collect()
 }
 
-/// At 50 jobs/s, 250 jobs span 249 intervals of 20 ms: 4.98 s, within 10%; and no burst:
-/// no 100 ms window holds more than twice its share.
+/// The pacing itself is checked exactly, on a clock the test drives, in `pacer`'s unit tests.
+/// Through the real daemon and broker, only what a busy machine cannot break is checked: jobs
+/// never go out faster than the rate (250 jobs at 50/s span at least 249 intervals of 20 ms),
+/// and never in a burst (no 100 ms window holds more than twice its share), because credit is
+/// capped however long the publisher was held up. A slow machine can only make it slower.
 #[test]
-fn rate_pacing_is_smooth_and_accurate() {
+fn rate_pacing_is_never_faster_than_the_rate_and_never_bursts() {
     let jobs = publish("pacing", "50", 250);
     let times = created(&jobs);
-    let span = (times[times.len() - 1] - times[0]) as f64 / 1000.0;
+    let span_ms = times[times.len() - 1] - times[0];
+    // Each job is stamped as it is published, a little after its turn came: the span can
+    // fall short by the first job's own publishing time, and by a millisecond of resolution.
     assert!(
-        (4.48..=5.48).contains(&span),
-        "250 jobs at 50/s took {span:.2} s"
+        span_ms >= 249 * 19,
+        "250 jobs at 50/s took only {span_ms} ms"
     );
     for (i, &t) in times.iter().enumerate() {
         let in_window = times[i..].iter().take_while(|&&u| u < t + 100).count();
@@ -68,12 +73,9 @@ fn rate_pacing_is_smooth_and_accurate() {
 fn fractional_rate_publishes_slower_than_one_per_second() {
     let jobs = publish("fractional", "2.5", 6);
     let times = created(&jobs);
-    let span = (times[5] - times[0]) as f64 / 1000.0;
-    // 5 intervals of 400 ms.
-    assert!(
-        (1.8..=2.4).contains(&span),
-        "6 jobs at 2.5/s took {span:.2} s"
-    );
+    // 5 intervals of 400 ms at least, less the first job's own publishing time (as above).
+    let span_ms = times[5] - times[0];
+    assert!(span_ms >= 1_900, "6 jobs at 2.5/s took only {span_ms} ms");
 }
 
 #[test]

@@ -289,10 +289,12 @@ mod tests {
                 }
             }
         }
-        let mut late = task(Some(50), 0);
+        // A second of deadline: the job must still be on time when it starts, however busy
+        // the machine; the handler then waits for the deadline to pass, not for a duration.
+        let mut late = task(Some(1_000), 0);
         late.drop_doomed = false;
         assert_eq!(run_task(&late, &PastDeadline).outcome, Outcome::Late);
-        let mut stopped = task(Some(50), 0);
+        let mut stopped = task(Some(1_000), 0);
         stopped.enforce_deadline = true;
         assert_eq!(run_task(&stopped, &PastDeadline).outcome, Outcome::TimedOut);
         let on_time = run_task(&task(Some(60_000), 0), &SimulatedHandler);
