@@ -28,6 +28,9 @@ use crossbeam_channel::{Receiver, never, select};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The most confirms taken one after another without a full select.
+const FAST_PATH_RUN: u32 = 16;
+
 /// What the queuer needs from the daemon around it.
 pub struct QueuerEnv<'a> {
     pub values: Arc<FlagValues>,
@@ -221,6 +224,8 @@ impl Queuer<'_, '_> {
         let mut pacer = Pacer::new(Instant::now());
         // Since when every confirm on this connection has been a nack, and how many.
         let mut refused: Option<(Instant, u64)> = None;
+        // Confirms taken by the fast path since the last full select.
+        let mut fast_run = 0;
         loop {
             if self.tally_sent.elapsed() >= TALLY_INTERVAL {
                 self.hand_over_tally();
@@ -262,39 +267,27 @@ impl Queuer<'_, '_> {
                 );
                 return SessionEnd::Stop;
             }
+            // The fast path: with publishes in flight a confirm is usually waiting, and taking
+            // it costs one channel operation instead of a select over every timer. After
+            // FAST_PATH_RUN of them the full select runs, so timers and signals are not starved.
+            if fast_run < FAST_PATH_RUN {
+                if let Ok(confirm) = confirms.try_recv() {
+                    fast_run += 1;
+                    if let Some(end) = self.on_confirm(confirm, &mut smoother, &mut refused) {
+                        return end;
+                    }
+                    continue;
+                }
+            }
+            fast_run = 0;
             let wait = self.pacing_wait(&pacer);
             // A reload may replace the stats ticker, so it is taken afresh each time round.
             let stats = self.stats.receiver();
             select! {
                 recv(confirms) -> confirm => match confirm {
                     Ok(confirm) => {
-                        for one in smoother.process(confirm) {
-                            let seq = self.awaiting_confirm.pop_front();
-                            if let Some(metrics) = &self.env.metrics {
-                                if let Some(sent) = self.sent_at.pop_front() {
-                                    metrics.confirmed_after(sent.elapsed());
-                                }
-                                match one {
-                                    Confirm::Ack(_) => metrics.published(),
-                                    Confirm::Nack(_) => metrics.nacked(),
-                                }
-                            }
-                            match one {
-                                Confirm::Ack(_) => {
-                                    self.ledger.published += 1;
-                                    self.audit_confirm(seq, "published");
-                                    refused = None;
-                                }
-                                Confirm::Nack(_) => {
-                                    self.ledger.nacked += 1;
-                                    self.audit_confirm(seq, "nacked");
-                                    let (_, n) = refused.get_or_insert((Instant::now(), 0));
-                                    *n += 1;
-                                }
-                            }
-                        }
-                        if let Some(why) = self.refused_too_long(refused) {
-                            return SessionEnd::Lost(why);
+                        if let Some(end) = self.on_confirm(confirm, &mut smoother, &mut refused) {
+                            return end;
                         }
                     }
                     Err(_) => return SessionEnd::Lost("confirm channel closed".into()),
@@ -325,6 +318,42 @@ impl Queuer<'_, '_> {
                 default(wait) => {}
             }
         }
+    }
+
+    /// One confirm from the broker, which may cover many publishes; `Some` when it ends the
+    /// pass (every publish refused for too long).
+    fn on_confirm(
+        &mut self,
+        confirm: Confirm,
+        smoother: &mut ConfirmSmoother,
+        refused: &mut Option<(Instant, u64)>,
+    ) -> Option<SessionEnd> {
+        for one in smoother.process(confirm) {
+            let seq = self.awaiting_confirm.pop_front();
+            if let Some(metrics) = &self.env.metrics {
+                if let Some(sent) = self.sent_at.pop_front() {
+                    metrics.confirmed_after(sent.elapsed());
+                }
+                match one {
+                    Confirm::Ack(_) => metrics.published(),
+                    Confirm::Nack(_) => metrics.nacked(),
+                }
+            }
+            match one {
+                Confirm::Ack(_) => {
+                    self.ledger.published += 1;
+                    self.audit_confirm(seq, "published");
+                    *refused = None;
+                }
+                Confirm::Nack(_) => {
+                    self.ledger.nacked += 1;
+                    self.audit_confirm(seq, "nacked");
+                    let (_, n) = refused.get_or_insert((Instant::now(), 0));
+                    *n += 1;
+                }
+            }
+        }
+        self.refused_too_long(*refused).map(SessionEnd::Lost)
     }
 
     fn audit_confirm(&mut self, seq: Option<u64>, state: &str) {
