@@ -877,7 +877,8 @@ fn main() {
         cpu_ratios.push(ratio);
     }
     for (consumer, figures) in consumers.iter().zip(&steady) {
-        let med = |f: &dyn Fn(&CpuFigure) -> f64| median(&figures.iter().map(f).collect::<Vec<_>>());
+        let med =
+            |f: &dyn Fn(&CpuFigure) -> f64| median(&figures.iter().map(f).collect::<Vec<_>>());
         cpu.row(vec![
             consumer.name(),
             fmt2(med(&|f| f.cpu_pct)),

@@ -21,6 +21,7 @@
 
 mod pool;
 mod settle;
+mod tasks;
 
 use crate::ack_window::AckWindow;
 use crate::audit::AuditLog;
@@ -42,8 +43,9 @@ use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use crate::throttle::Throttle;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
-use crossbeam_channel::{Receiver, Sender, bounded, never, select, tick};
+use crossbeam_channel::{Receiver, bounded, never, select, tick};
 use pool::{Completion, Task, start_pool};
+use tasks::TaskQueue;
 use settle::{delivery_count, disposition, send_frame};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -105,7 +107,7 @@ pub struct WorkerEnv<'a> {
 /// Consumes until told to stop, reconnecting as needed; drains; returns the final ledger.
 pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonError> {
     let prefetch = config.worker.prefetch;
-    let (task_tx, task_rx) = bounded::<Task>(usize::from(prefetch));
+    let tasks = Arc::new(TaskQueue::new(usize::from(prefetch)));
     // Bounded, so a completion costs no allocation: at most `prefetch` tasks of the current
     // connection and the few still running from an old one are ever outstanding, and only the
     // consumer thread, which never blocks on the pool, receives.
@@ -119,7 +121,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     let pool = start_pool(
         config.worker.max_concurrency,
         &gate,
-        &task_rx,
+        &tasks,
         &done_tx,
         &env.handler,
     )?;
@@ -132,8 +134,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         stats: StatsTicker::new(config.log.stats_interval),
         config,
         env: &env,
-        task_tx,
-        task_rx,
+        tasks,
         done_rx,
         generation: 0,
         window: AckWindow::new(usize::from(prefetch)),
@@ -166,10 +167,10 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ledger,
         window,
         stale_running,
-        task_tx,
+        tasks,
         ..
     } = worker;
-    drop(task_tx);
+    tasks.close();
     let abandoned = window.held() as u64 + stale_running;
     if abandoned == 0 {
         for thread in pool {
@@ -197,8 +198,7 @@ struct Worker<'e, 'a> {
     config: Config,
     policy: Policy,
     env: &'e WorkerEnv<'a>,
-    task_tx: Sender<Task>,
-    task_rx: Receiver<Task>,
+    tasks: Arc<TaskQueue>,
     done_rx: Receiver<Completion>,
     stats: StatsTicker,
     /// Counts connections; tasks carry it so completions from a dead channel are recognised.
@@ -337,7 +337,7 @@ impl Supervised for Worker<'_, '_> {
 
     /// The deliveries of a dead connection can no longer be settled; the broker requeues them.
     fn session_lost(&mut self, reason: &str) {
-        let unstarted = std::iter::from_fn(|| self.task_rx.try_recv().ok()).count() as u64;
+        let unstarted = std::iter::from_fn(|| self.tasks.try_pop()).count() as u64;
         let (unsent, held_undecided) = self.window.abandon();
         let delayed = self.retry_later.drain(..).count() as u64;
         let running = held_undecided as u64 - unstarted - delayed;
@@ -578,7 +578,7 @@ impl Worker<'_, '_> {
 
     /// Unstarted jobs go back to the queue (drain, pause).
     fn hand_back_unstarted(&mut self) {
-        while let Ok(task) = self.task_rx.try_recv() {
+        while let Some(task) = self.tasks.try_pop() {
             self.window.decide(task.tag, Outcome::Requeued);
         }
     }
@@ -688,11 +688,8 @@ impl Worker<'_, '_> {
                     redelivered,
                     body,
                 };
-                // Never blocks: the channel holds `prefetch` tasks and the broker sends no more
-                // than `prefetch` unacked deliveries.
-                self.task_tx
-                    .send(task)
-                    .map_err(|_| "pool threads are gone".to_owned())
+                self.tasks.push(task);
+                Ok(())
             }
             shed => {
                 let outcome = match shed {

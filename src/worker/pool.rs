@@ -12,7 +12,8 @@ use crate::ledger::Outcome;
 use crate::service::DaemonError;
 use crate::shed::{self, Verdict};
 use amiquip::AmqpProperties;
-use crossbeam_channel::{Receiver, Sender};
+use super::tasks::TaskQueue;
+use crossbeam_channel::Sender;
 use std::sync::Arc;
 
 /// A job handed to the pool.
@@ -55,13 +56,13 @@ pub(super) struct Completion {
 pub(super) fn start_pool(
     threads: usize,
     gate: &Arc<Gate>,
-    tasks: &Receiver<Task>,
+    tasks: &Arc<TaskQueue>,
     done: &Sender<Completion>,
     handler: &Arc<dyn Handler>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, DaemonError> {
     (0..threads)
         .map(|i| {
-            let tasks = tasks.clone();
+            let tasks = Arc::clone(tasks);
             let done = done.clone();
             let handler = Arc::clone(handler);
             let gate = Arc::clone(gate);
@@ -77,16 +78,16 @@ pub(super) fn start_pool(
 }
 
 /// Takes tasks, as many threads at once as the gate lets through, until the consumer thread
-/// drops the sender.
+/// closes the queue.
 fn pool_thread(
     gate: &Gate,
-    tasks: &Receiver<Task>,
+    tasks: &TaskQueue,
     done: &Sender<Completion>,
     handler: &dyn Handler,
 ) {
     loop {
         let _pass = gate.enter();
-        let Ok(task) = tasks.recv() else {
+        let Some(task) = tasks.pop() else {
             break;
         };
         let completion = run_task(&task, handler);
@@ -227,6 +228,54 @@ mod tests {
             redelivered: false,
             body: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_pool_runs_every_task_handed_over_then_ends_when_the_queue_closes() {
+        let queue = Arc::new(TaskQueue::new(4));
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let handler: Arc<dyn Handler> = Arc::new(SimulatedHandler);
+        let threads = start_pool(3, &Arc::new(Gate::new(3)), &queue, &done_tx, &handler)
+            .expect("pool started");
+        // One task to threads that are (or are about to be) asleep: it must wake one.
+        let mut first = task(None, 0);
+        first.tag = 1_000;
+        queue.push(first);
+        let completion = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("an idle thread woke for the task");
+        assert_eq!(completion.tag, 1_000);
+        // Many more than the queue's room, pushed without waiting; the last ones are still
+        // queued when the queue closes, and run before the threads end.
+        for tag in 0..200 {
+            let mut t = task(None, 0);
+            t.tag = tag;
+            queue.push(t);
+        }
+        queue.close();
+        for thread in threads {
+            thread.join().expect("pool thread ended");
+        }
+        drop(done_tx);
+        let mut tags: Vec<u64> = done_rx.iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..200).collect::<Vec<_>>());
+        assert!(queue.try_pop().is_none());
+    }
+
+    #[test]
+    fn unstarted_tasks_can_be_taken_back() {
+        let queue = TaskQueue::new(2);
+        for tag in [5, 6] {
+            let mut t = task(None, 0);
+            t.tag = tag;
+            queue.push(t);
+        }
+        assert_eq!(queue.try_pop().map(|t| t.tag), Some(5));
+        assert_eq!(queue.try_pop().map(|t| t.tag), Some(6));
+        assert!(queue.try_pop().is_none());
+        queue.close();
+        assert!(queue.pop().is_none(), "closed and empty: a pool thread ends");
     }
 
     #[test]
