@@ -191,7 +191,7 @@ impl EventProcessor {
     pub fn spawn(settings: EventSettings) -> std::io::Result<EventProcessor> {
         let capacity = settings.capacity.max(1);
         let (inbox_tx, inbox_rx) = bounded(capacity);
-#[cfg(any(test, feature = "internals"))]
+        #[cfg(any(test, feature = "internals"))]
         let (flush_tx, flush_rx) = bounded(1);
         #[cfg(not(any(test, feature = "internals")))]
         let flush_rx = crossbeam_channel::never();
