@@ -25,25 +25,36 @@ pub enum Verdict {
     Skipped,
 }
 
+/// What the deadline checks alone decide, when a pool thread is about to start a job: a job
+/// cannot be skipped there, so this type has no such case to handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtStart {
+    Run,
+    Expired,
+    Doomed,
+}
+
 /// The decision when a job arrives: deadline checks, then the skip rate.
 #[inline]
 pub fn at_receipt(meta: &JobMeta, now_ms: u64, skip_ppm: u32, drop_doomed: bool) -> Verdict {
     match at_start(meta, now_ms, drop_doomed) {
-        Verdict::Run if is_skipped(meta.id_hash, skip_ppm) => Verdict::Skipped,
-        verdict => verdict,
+        AtStart::Expired => Verdict::Expired,
+        AtStart::Doomed => Verdict::Doomed,
+        AtStart::Run if is_skipped(meta.id_hash, skip_ppm) => Verdict::Skipped,
+        AtStart::Run => Verdict::Run,
     }
 }
 
 /// The decision when a pool thread is about to start a job: time has passed since receipt,
 /// so the deadline checks run again (the skip decision is not repeated).
 #[inline]
-pub fn at_start(meta: &JobMeta, now_ms: u64, drop_doomed: bool) -> Verdict {
+pub fn at_start(meta: &JobMeta, now_ms: u64, drop_doomed: bool) -> AtStart {
     match meta.deadline_ms {
-        Some(deadline) if now_ms >= deadline => Verdict::Expired,
+        Some(deadline) if now_ms >= deadline => AtStart::Expired,
         Some(deadline) if drop_doomed && now_ms.saturating_add(meta.work_ms) > deadline => {
-            Verdict::Doomed
+            AtStart::Doomed
         }
-        _ => Verdict::Run,
+        _ => AtStart::Run,
     }
 }
 
@@ -69,20 +80,20 @@ mod tests {
 
     #[test]
     fn past_deadline_is_expired() {
-        assert_eq!(at_start(&meta(Some(100), 0), 100, true), Verdict::Expired);
+        assert_eq!(at_start(&meta(Some(100), 0), 100, true), AtStart::Expired);
     }
 
     #[test]
     fn too_little_time_left_is_doomed_only_when_enabled() {
         let m = meta(Some(1_000), 500);
-        assert_eq!(at_start(&m, 600, true), Verdict::Doomed);
-        assert_eq!(at_start(&m, 600, false), Verdict::Run);
-        assert_eq!(at_start(&m, 500, true), Verdict::Run);
+        assert_eq!(at_start(&m, 600, true), AtStart::Doomed);
+        assert_eq!(at_start(&m, 600, false), AtStart::Run);
+        assert_eq!(at_start(&m, 500, true), AtStart::Run);
     }
 
     #[test]
     fn no_deadline_always_runs() {
-        assert_eq!(at_start(&meta(None, 5_000), u64::MAX, true), Verdict::Run);
+        assert_eq!(at_start(&meta(None, 5_000), u64::MAX, true), AtStart::Run);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use flagshed::job::{
 };
 use flagshed::launchdarkly::protocol::{self, ProtocolError};
 use flagshed::launchdarkly::sse::{SseItem, SseParser};
-use flagshed::shed::{self, PPM, Verdict};
+use flagshed::shed::{self, AtStart, PPM, Verdict};
 use launchdarkly_server_sdk_evaluation::ContextBuilder;
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -360,7 +360,11 @@ proptest! {
             Verdict::Run
         };
         prop_assert_eq!(shed::at_receipt(&meta, now_ms, skip_ppm, drop_doomed), expected);
-        let at_start = if expected == Verdict::Skipped { Verdict::Run } else { expected };
+        let at_start = match expected {
+            Verdict::Expired => AtStart::Expired,
+            Verdict::Doomed => AtStart::Doomed,
+            Verdict::Run | Verdict::Skipped => AtStart::Run,
+        };
         prop_assert_eq!(shed::at_start(&meta, now_ms, drop_doomed), at_start);
     }
 
@@ -389,7 +393,7 @@ proptest! {
         drop_doomed in any::<bool>(),
     ) {
         let verdict = shed::at_receipt(&meta, now_ms, skip_ppm, drop_doomed);
-        if shed::at_start(&meta, now_ms, drop_doomed) == Verdict::Run {
+        if shed::at_start(&meta, now_ms, drop_doomed) == AtStart::Run {
             prop_assert_eq!(verdict, Verdict::Skipped);
         } else {
             prop_assert_ne!(verdict, Verdict::Skipped);

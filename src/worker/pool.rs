@@ -10,7 +10,7 @@ use crate::handler::{Handler, HandlerError, Job};
 use crate::job::{self, JobMeta};
 use crate::ledger::Outcome;
 use crate::service::DaemonError;
-use crate::shed::{self, Verdict};
+use crate::shed::{self, AtStart};
 use amiquip::AmqpProperties;
 use super::tasks::TaskQueue;
 use crossbeam_channel::Sender;
@@ -117,9 +117,9 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
         ..task.meta
     };
     match shed::at_start(&budgeted, started_ms, task.drop_doomed) {
-        Verdict::Expired => completion.outcome = Outcome::Expired,
-        Verdict::Doomed => completion.outcome = Outcome::Doomed,
-        Verdict::Run | Verdict::Skipped => {
+        AtStart::Expired => completion.outcome = Outcome::Expired,
+        AtStart::Doomed => completion.outcome = Outcome::Doomed,
+        AtStart::Run => {
             let job = Job {
                 id: task.properties.message_id().as_deref(),
                 job_type: task.properties.type_().as_deref().unwrap_or(""),
