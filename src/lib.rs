@@ -13,11 +13,12 @@
 //! [`run_worker_with`], which runs the whole taskworker daemon around it (see
 //! `examples/custom_handler.rs`). That, and the two daemons' entry points, is the public API.
 //! Every module is private to the crate, so the compiler reports code nothing uses; the
-//! `internals` feature opens them to this package's own tests and benches, and is not an
-//! interface to build on.
+//! `internals` feature opens them to this package's own tests, benches and fuzz targets, and
+//! is not an interface to build on.
 
 /// Declares the crate's modules: private to the crate, or public (and hidden from the docs)
-/// with the `internals` feature, which only this package's tests and benches turn on.
+/// with the `internals` feature, which only this package's tests, benches and fuzz targets
+/// turn on.
 macro_rules! modules {
     ($($name:ident),* $(,)?) => {$(
         #[cfg(feature = "internals")]
