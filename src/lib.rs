@@ -15,6 +15,30 @@
 //! Every module is private to the crate, so the compiler reports code nothing uses; the
 //! `internals` feature opens them to this package's own tests, benches and fuzz targets, and
 //! is not an interface to build on.
+//!
+//! ```no_run
+//! use flagshed::{Handler, HandlerError, Job};
+//!
+//! struct Resize;
+//!
+//! impl Handler for Resize {
+//!     fn handle(&self, job: &Job<'_>) -> Result<(), HandlerError> {
+//!         if job.body.is_empty() {
+//!             return Err(HandlerError::Failed("empty image".into()));
+//!         }
+//!         // ... resize job.body, giving up by job.stop_at_ms ...
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     flagshed::run_worker_with(std::sync::Arc::new(Resize))
+//! }
+//! ```
+
+// The public API is documented item by item; with `internals`, every module is public too,
+// and those are held to the style guide rather than to this lint.
+#![cfg_attr(not(feature = "internals"), warn(missing_docs))]
 
 /// Declares the crate's modules: private to the crate, or public (and hidden from the docs)
 /// with the `internals` feature, which only this package's tests, benches and fuzz targets

@@ -4,7 +4,7 @@
 //! and says how it ended. Three handlers ship: [`SimulatedHandler`] (the seed's imaginary job,
 //! which sleeps), [`ExecHandler`] (a program per job) and [`HttpHandler`] (a POST per job).
 //! A Rust program can bring its own: implement [`Handler`] and call
-//! [`crate::daemon::run_worker_with`], which runs the whole taskworker daemon around it.
+//! [`crate::run_worker_with`], which runs the whole taskworker daemon around it.
 //!
 //! A handler sees a job through [`Job`]: its id, type, headers and properties, body, deadline
 //! and the moment it must stop ([`Job::stop_at_ms`]). The worker cannot stop a thread, so
@@ -12,25 +12,7 @@
 //! kill the child process group or abandon the request there and return
 //! [`HandlerError::TimedOut`].
 //!
-//! ```no_run
-//! use flagshed::handler::{Handler, HandlerError, Job};
-//!
-//! struct Resize;
-//!
-//! impl Handler for Resize {
-//!     fn handle(&self, job: &Job<'_>) -> Result<(), HandlerError> {
-//!         if job.body.is_empty() {
-//!             return Err(HandlerError::Failed("empty image".into()));
-//!         }
-//!         // ... resize job.body, giving up by job.stop_at_ms ...
-//!         Ok(())
-//!     }
-//! }
-//!
-//! fn main() -> std::process::ExitCode {
-//!     flagshed::daemon::run_worker_with(std::sync::Arc::new(Resize))
-//! }
-//! ```
+//! The crate's own documentation has an example of a handler of one's own.
 
 mod exec;
 mod http;
@@ -97,6 +79,7 @@ pub struct Job<'a> {
     pub job_type: &'a str,
     /// All AMQP properties, headers included, as published.
     pub properties: &'a AmqpProperties,
+    /// The message body, as published.
     pub body: &'a [u8],
     /// Enqueue time, Unix epoch milliseconds (`x-created-ms`, or receipt).
     pub created_ms: u64,
