@@ -21,15 +21,12 @@ use crate::ledger::QueuerLedger;
 use crate::metrics::QueuerMetrics;
 use crate::notify::Notifier;
 use crate::pacer::{MAX_PACING_SLEEP, Pacer};
-use crate::service::{self, DaemonError, Link, Role, StatsTicker, watchdog_ticker};
+use crate::service::{FAST_PATH_RUN, self, DaemonError, Link, Role, StatsTicker, watchdog_ticker};
 use crate::signals::Signal;
 use amiquip::{AmqpProperties, AmqpValue, Confirm, ConfirmSmoother, FieldTable, Publish};
 use crossbeam_channel::{Receiver, never, select};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The most confirms taken one after another without a full select.
-const FAST_PATH_RUN: u32 = 16;
 
 /// What the queuer needs from the daemon around it.
 pub struct QueuerEnv<'a> {
@@ -267,9 +264,7 @@ impl Queuer<'_, '_> {
                 );
                 return SessionEnd::Stop;
             }
-            // The fast path: with publishes in flight a confirm is usually waiting, and taking
-            // it costs one channel operation instead of a select over every timer. After
-            // FAST_PATH_RUN of them the full select runs, so timers and signals are not starved.
+            // The fast path (see FAST_PATH_RUN): a waiting confirm.
             if fast_run < FAST_PATH_RUN {
                 if let Ok(confirm) = confirms.try_recv() {
                     fast_run += 1;

@@ -38,7 +38,7 @@ use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
 use crate::notify::Notifier;
 use crate::retries::RetryCounts;
-use crate::service::{self, DaemonError, Link, Role, StatsTicker, watchdog_ticker};
+use crate::service::{FAST_PATH_RUN, self, DaemonError, Link, Role, StatsTicker, watchdog_ticker};
 use crate::shed::{self, Verdict};
 use crate::signals::Signal;
 use crate::throttle::Throttle;
@@ -61,9 +61,6 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 
 /// Jobs whose retries are counted, per generation (see [`RetryCounts`]).
 const RETRY_COUNTS_KEPT: usize = 65_536;
-
-/// The most deliveries and completions taken one after another without a full select.
-const FAST_PATH_RUN: u32 = 16;
 
 /// How often counted flag uses are handed to the flag source thread.
 const TALLY_INTERVAL: Duration = Duration::from_secs(1);
@@ -401,10 +398,7 @@ impl Worker<'_, '_> {
                 Some(c) if !self.cancelled => c.receiver(),
                 _ => &closed,
             };
-            // The fast path: under load a delivery or a completion is usually waiting, and
-            // taking it costs one channel operation instead of a select over every timer.
-            // After FAST_PATH_RUN such events the full select runs, so timers and signals are
-            // never starved.
+            // The fast path (see FAST_PATH_RUN): a waiting delivery or completion.
             if fast_run < FAST_PATH_RUN {
                 let ready = match deliveries.try_recv() {
                     Ok(message) => Some(self.on_consumer_message(message)),
@@ -513,10 +507,10 @@ impl Worker<'_, '_> {
     /// One message from the consumer; `Some` when it ends the pass.
     fn on_consumer_message(&mut self, message: ConsumerMessage) -> Option<PassEnd> {
         match message {
-            ConsumerMessage::Delivery(delivery) => match self.on_delivery(delivery) {
-                Ok(()) => None,
-                Err(reason) => Some(SessionEnd::Lost(reason).into()),
-            },
+            ConsumerMessage::Delivery(delivery) => {
+                self.on_delivery(delivery);
+                None
+            }
             ConsumerMessage::ClientCancelled => {
                 self.cancelled = true;
                 None
@@ -601,7 +595,7 @@ impl Worker<'_, '_> {
             .map_err(|e| session.error("starting the consumer", e))
     }
 
-    fn on_delivery(&mut self, mut delivery: Delivery) -> Result<(), String> {
+    fn on_delivery(&mut self, mut delivery: Delivery) {
         self.ledger.received += 1;
         if let Some(metrics) = &self.env.metrics {
             metrics.received();
@@ -620,7 +614,7 @@ impl Worker<'_, '_> {
         if self.draining.is_some() || self.paused {
             self.window.hold(tag, (delivery, slot));
             self.window.decide(tag, Outcome::Requeued);
-            return Ok(());
+            return;
         }
         let now = now_ms();
         let meta = match job::parse(
@@ -634,7 +628,7 @@ impl Worker<'_, '_> {
                 self.warn_malformed(&delivery, &why);
                 self.window.hold(tag, (delivery, slot));
                 self.window.decide(tag, Outcome::Malformed);
-                return Ok(());
+                return;
             }
         };
         let mut budget_ms = if meta.work_declared {
@@ -691,7 +685,6 @@ impl Worker<'_, '_> {
                     body,
                 };
                 self.tasks.push(task);
-                Ok(())
             }
             shed => {
                 let outcome = match shed {
@@ -701,7 +694,6 @@ impl Worker<'_, '_> {
                 };
                 self.window.hold(tag, (delivery, slot));
                 self.window.decide(tag, outcome);
-                Ok(())
             }
         }
     }
