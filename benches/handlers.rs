@@ -39,7 +39,8 @@ mod support;
 mod harness;
 
 use flagshed::clock::now_ms;
-use flagshed::config::{Config, DEFAULT_ESTIMATE_QUANTILE};
+use flagshed::config::Config;
+use flagshed::handler::estimate::DEFAULT_SETTINGS;
 use harness::feed::{Feed, FeedOptions, FeedReport, Target, prefill};
 use harness::httpd::HttpServer;
 use harness::random::LogNormal;
@@ -115,7 +116,7 @@ impl Case {
     }
 
     fn quantile(&self) -> f64 {
-        self.quantile.unwrap_or(DEFAULT_ESTIMATE_QUANTILE)
+        self.quantile.unwrap_or(DEFAULT_SETTINGS.quantile)
     }
 }
 
@@ -838,7 +839,7 @@ fn sweep_summary(results: &[UnknownResult]) -> Table {
         table.row(vec![
             format!(
                 "{q}{}",
-                if (q - DEFAULT_ESTIMATE_QUANTILE).abs() < 1e-9 {
+                if (q - DEFAULT_SETTINGS.quantile).abs() < 1e-9 {
                     " (default)"
                 } else {
                     ""
@@ -1960,7 +1961,7 @@ fn main() {
             for &cv in &cvs {
                 for &load in &sweep_loads {
                     for q in QUANTILES {
-                        let is_default = (q - DEFAULT_ESTIMATE_QUANTILE).abs() < 1e-9;
+                        let is_default = (q - DEFAULT_SETTINGS.quantile).abs() < 1e-9;
                         if is_default && parts.unknown {
                             continue; // the flagshed run above
                         }

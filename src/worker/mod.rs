@@ -32,7 +32,7 @@ use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::gate::Gate;
 use crate::handler::Handler;
-use crate::handler::estimate::{TypeSlot, WorkEstimates};
+use crate::handler::estimate::{Doomed, Observed, TypeSlot, WorkEstimates};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
@@ -553,6 +553,7 @@ impl Worker<'_, '_> {
             log::info!("running up to {limit} jobs at once");
             self.gate.set_limit(limit);
         }
+        self.apply_objective();
         let consumer = consumer?;
         if self.env.values.paused() == Some(true) && !self.paused && self.draining.is_none() {
             self.paused = true;
@@ -570,6 +571,21 @@ impl Worker<'_, '_> {
             }
         }
         None
+    }
+
+    /// Puts in force the shedding objective the flag asks for, or the config's.
+    fn apply_objective(&mut self) {
+        let objective = self
+            .env
+            .values
+            .shed_objective()
+            .unwrap_or(self.config.worker.estimate.objective);
+        if self.estimates.set_objective(objective) {
+            log::info!("shedding objective: {}", objective.as_str());
+            if let Some(metrics) = &self.env.metrics {
+                metrics.refresh_work_estimates(&self.estimates, self.policy.defaults.work_ms);
+            }
+        }
     }
 
     /// Unstarted jobs go back to the queue (drain, pause).
@@ -653,14 +669,38 @@ impl Worker<'_, '_> {
             skip_ppm,
             drop_doomed,
         );
-        if verdict == Verdict::Doomed
+        let mut probe = false;
+        if verdict == Verdict::Doomed && !meta.work_declared {
+            let left_ms = meta.deadline_ms.map_or(0, |d| d.saturating_sub(now));
+            if let Doomed::Probe { shut_out } =
+                self.estimates.doomed_by_estimate(slot, now, left_ms)
+            {
+                if shut_out {
+                    self.warn_shut_out(slot, budget_ms);
+                }
+                // A probe: the estimate keeps this type out; see whether it still holds.
+                probe = true;
+                if let Some(metrics) = &self.env.metrics {
+                    metrics.probe();
+                }
+                budget_ms = 0;
+                let unbudgeted = JobMeta { work_ms: 0, ..meta };
+                verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, drop_doomed);
+            }
+        }
+        if verdict == Verdict::Run
+            && !probe
             && !meta.work_declared
-            && self.estimates.doomed_by_estimate(slot)
+            && self.estimates.started(slot, now)
         {
-            // A probe: the estimate has kept this type out for long; see if it still holds.
-            budget_ms = 0;
-            let unbudgeted = JobMeta { work_ms: 0, ..meta };
-            verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, drop_doomed);
+            log::warn!(
+                "job type {:?} runs again: its work estimate is {} ms",
+                self.estimates.names().nth(slot.index()).map_or("", |(_, n)| n),
+                budget_ms
+            );
+            if let Some(metrics) = &self.env.metrics {
+                metrics.shut_out(slot, false);
+            }
         }
         match verdict {
             Verdict::Run => {
@@ -677,6 +717,7 @@ impl Worker<'_, '_> {
                     tag,
                     meta,
                     budget_ms,
+                    probe,
                     slot,
                     drop_doomed,
                     enforce_deadline: self.policy.enforce_deadline,
@@ -732,13 +773,13 @@ impl Worker<'_, '_> {
         }
         self.ledger.work_ms += completion.worked_ms;
         if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
-            if outcome == Outcome::TimedOut {
-                self.estimates
-                    .observe_stopped(completion.slot, completion.worked_ms);
+            let observed = if outcome == Outcome::TimedOut {
+                Observed::Stopped(completion.worked_ms)
             } else {
-                self.estimates
-                    .observe(completion.slot, completion.worked_ms);
-            }
+                Observed::Finished(completion.worked_ms)
+            };
+            self.estimates
+                .observe(completion.slot, observed, completion.probe, now_ms());
             if let Some(metrics) = &self.env.metrics {
                 let budget = self
                     .estimates
@@ -899,6 +940,25 @@ impl Worker<'_, '_> {
         self.flush(consumer)
     }
 
+    /// Says once that a type's estimate dooms all its jobs, so that only probes run.
+    fn warn_shut_out(&self, slot: TypeSlot, budget_ms: u64) {
+        let name = self
+            .estimates
+            .names()
+            .nth(slot.index())
+            .map_or("", |(_, n)| n);
+        log::warn!(
+            "job type {name:?} is shut out by its work estimate ({budget_ms} ms, more than its \
+             jobs have left): no job of it ran for {} ms; one runs every {} ms as a probe \
+             until the work is quick again",
+            self.config.worker.estimate.probe_interval_ms,
+            self.config.worker.estimate.probe_interval_ms,
+        );
+        if let Some(metrics) = &self.env.metrics {
+            metrics.shut_out(slot, true);
+        }
+    }
+
     /// Decides the jobs whose retry delay is over (or all of them) as `retried`.
     fn hand_back_due_retries(&mut self, all: bool) {
         let now = Instant::now();
@@ -922,11 +982,12 @@ impl Worker<'_, '_> {
         };
         self.policy = Policy::from_config(&new);
         self.estimates.set_settings(new.worker.estimate);
+        self.stats.set_interval(new.log.stats_interval);
+        self.config = new;
+        self.apply_objective();
         if let Some(metrics) = &self.env.metrics {
             metrics.refresh_work_estimates(&self.estimates, self.policy.defaults.work_ms);
         }
-        self.stats.set_interval(new.log.stats_interval);
-        self.config = new;
         self.env.notifier.ready("reloaded");
     }
 
@@ -956,7 +1017,7 @@ impl Worker<'_, '_> {
             line.push_str(&format!(" skip_rate_by_type={}", own.join(",")));
         }
         line.push_str(&format!(
-            " paused={} concurrency={} deadline_aware={}",
+            " paused={} concurrency={} deadline_aware={} shed_objective={}",
             u8::from(self.paused),
             self.gate.limit(),
             u8::from(
@@ -964,7 +1025,8 @@ impl Worker<'_, '_> {
                     .values
                     .deadline_aware()
                     .unwrap_or(self.policy.drop_doomed)
-            )
+            ),
+            self.estimates.objective().as_str()
         ));
         line
     }
