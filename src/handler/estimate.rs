@@ -31,7 +31,9 @@
 //! finishes in time t makes the type's next doomed jobs probes too while they have at least
 //! 2t left, until one is stopped or the estimate lets jobs through on its own: once the work
 //! is quick again, the type is back within about one probe interval, while its estimate
-//! catches up with the new observations.
+//! catches up with the new observations. A type is *shut out* from the first probe after an
+//! interval with no job run until jobs of it run again (probes after a quick one, or a job its
+//! estimate lets through); the caller logs both changes.
 //!
 //! The set of types is bounded: past `max_types`, new types share one estimate, shown as
 //! `(other)`. Only the consumer thread touches this; an observation costs a pass over the
@@ -147,10 +149,20 @@ pub enum Observed {
 pub enum Doomed {
     /// Drop it: the estimate holds.
     Drop,
-    /// Run it as a probe, with no budget. `shut_out` is true for the first probe after no
-    /// job of the type ran for a probe interval: the type is shut out by its estimate, which
-    /// the caller logs once.
-    Probe { shut_out: bool },
+    /// Run it as a probe, with no budget; with the change this makes to whether the type is
+    /// shut out, for the caller to log once.
+    Probe(Option<ShutOut>),
+}
+
+/// A change in whether a type is shut out by its estimate: no job of it has run for a probe
+/// interval but probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutOut {
+    /// This probe is the first after a probe interval in which no job of the type ran.
+    Began,
+    /// The type runs jobs again: probes let through after a quick one, or a job its estimate
+    /// lets through.
+    Ended,
 }
 
 /// Which estimate a job's type uses: an index, resolved once at receipt.
@@ -277,13 +289,13 @@ impl WorkEstimates {
         }
     }
 
-    /// A job of this slot, not a probe, goes to the pool at `now_ms`. Returns true when the
-    /// type had been shut out by its estimate and so is running again (the caller logs it).
-    pub fn started(&mut self, slot: TypeSlot, now_ms: u64) -> bool {
+    /// A job of this slot, not a probe, goes to the pool at `now_ms`. Returns
+    /// `Some(ShutOut::Ended)` when the type had been shut out by its estimate.
+    pub fn started(&mut self, slot: TypeSlot, now_ms: u64) -> Option<ShutOut> {
         let estimator = &mut self.estimators[slot.0];
         estimator.last_run_ms = Some(now_ms);
         estimator.probe_room_ms = None;
-        std::mem::replace(&mut estimator.shut_out, false)
+        std::mem::replace(&mut estimator.shut_out, false).then_some(ShutOut::Ended)
     }
 
     /// A job of this slot, with `left_ms` before its deadline, is doomed by its estimate:
@@ -293,7 +305,8 @@ impl WorkEstimates {
         let estimator = &mut self.estimators[slot.0];
         if estimator.probe_room_ms.is_some_and(|room| left_ms >= room) {
             estimator.last_run_ms = Some(now_ms);
-            return Doomed::Probe { shut_out: false };
+            let ended = std::mem::replace(&mut estimator.shut_out, false);
+            return Doomed::Probe(ended.then_some(ShutOut::Ended));
         }
         match estimator.last_run_ms {
             // A type's first doomed job starts the clock: a type just seen is not shut out.
@@ -303,8 +316,8 @@ impl WorkEstimates {
             }
             Some(last) if now_ms.saturating_sub(last) >= interval => {
                 estimator.last_run_ms = Some(now_ms);
-                let newly = !std::mem::replace(&mut estimator.shut_out, true);
-                Doomed::Probe { shut_out: newly }
+                let began = !std::mem::replace(&mut estimator.shut_out, true);
+                Doomed::Probe(began.then_some(ShutOut::Began))
             }
             Some(_) => Doomed::Drop,
         }
@@ -790,18 +803,18 @@ mod tests {
         }
         assert_eq!(
             estimates.doomed_by_estimate(slot, 11_000, 500),
-            Doomed::Probe { shut_out: true }
+            Doomed::Probe(Some(ShutOut::Began))
         );
         assert!(estimates.is_shut_out(slot));
         assert_eq!(estimates.doomed_by_estimate(slot, 11_500, 500), Doomed::Drop);
         // One more interval, one more probe; the shut-out was already reported.
         assert_eq!(
             estimates.doomed_by_estimate(slot, 12_000, 500),
-            Doomed::Probe { shut_out: false }
+            Doomed::Probe(None)
         );
         // A job the estimate lets through ends the shut-out, once.
-        assert!(estimates.started(slot, 12_100));
-        assert!(!estimates.started(slot, 12_200));
+        assert_eq!(estimates.started(slot, 12_100), Some(ShutOut::Ended));
+        assert_eq!(estimates.started(slot, 12_200), None);
         assert!(!estimates.is_shut_out(slot));
     }
 
@@ -812,20 +825,23 @@ mod tests {
         estimates.doomed_by_estimate(slot, 0, 500);
         assert_eq!(
             estimates.doomed_by_estimate(slot, 1_000, 1_900),
-            Doomed::Probe { shut_out: true }
+            Doomed::Probe(Some(ShutOut::Began))
         );
         estimates.observe(slot, Observed::Finished(120), true, 1_120);
+        // The type runs again, as probes.
         assert_eq!(
             estimates.doomed_by_estimate(slot, 1_130, 240),
-            Doomed::Probe { shut_out: false }
+            Doomed::Probe(Some(ShutOut::Ended))
         );
+        assert!(!estimates.is_shut_out(slot));
         assert_eq!(estimates.doomed_by_estimate(slot, 1_140, 239), Doomed::Drop);
-        // A probe that is stopped ends it: back to one an interval.
+        // A probe that is stopped ends it: back to one an interval, and shut out again once
+        // an interval passes with no job run.
         estimates.observe(slot, Observed::Stopped(240), true, 1_400);
         assert_eq!(estimates.doomed_by_estimate(slot, 1_500, 1_900), Doomed::Drop);
         assert_eq!(
             estimates.doomed_by_estimate(slot, 2_130, 1_900),
-            Doomed::Probe { shut_out: false }
+            Doomed::Probe(Some(ShutOut::Began))
         );
     }
 

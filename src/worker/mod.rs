@@ -32,7 +32,7 @@ use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::gate::Gate;
 use crate::handler::Handler;
-use crate::handler::estimate::{Doomed, Observed, TypeSlot, WorkEstimates};
+use crate::handler::estimate::{Doomed, Observed, ShutOut, TypeSlot, WorkEstimates};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
@@ -670,37 +670,25 @@ impl Worker<'_, '_> {
             drop_doomed,
         );
         let mut probe = false;
+        let mut shut_out = None;
         if verdict == Verdict::Doomed && !meta.work_declared {
             let left_ms = meta.deadline_ms.map_or(0, |d| d.saturating_sub(now));
-            if let Doomed::Probe { shut_out } =
-                self.estimates.doomed_by_estimate(slot, now, left_ms)
-            {
-                if shut_out {
-                    self.warn_shut_out(slot, budget_ms);
-                }
+            if let Doomed::Probe(change) = self.estimates.doomed_by_estimate(slot, now, left_ms) {
                 // A probe: the estimate keeps this type out; see whether it still holds.
                 probe = true;
-                if let Some(metrics) = &self.env.metrics {
-                    metrics.probe();
-                }
+                shut_out = change;
                 budget_ms = 0;
                 let unbudgeted = JobMeta { work_ms: 0, ..meta };
                 verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, drop_doomed);
+                if let Some(metrics) = &self.env.metrics {
+                    metrics.probe();
+                }
             }
+        } else if verdict == Verdict::Run && !meta.work_declared {
+            shut_out = self.estimates.started(slot, now);
         }
-        if verdict == Verdict::Run
-            && !probe
-            && !meta.work_declared
-            && self.estimates.started(slot, now)
-        {
-            log::warn!(
-                "job type {:?} runs again: its work estimate is {} ms",
-                self.estimates.names().nth(slot.index()).map_or("", |(_, n)| n),
-                budget_ms
-            );
-            if let Some(metrics) = &self.env.metrics {
-                metrics.shut_out(slot, false);
-            }
+        if let Some(change) = shut_out {
+            self.log_shut_out(slot, change);
         }
         match verdict {
             Verdict::Run => {
@@ -940,22 +928,30 @@ impl Worker<'_, '_> {
         self.flush(consumer)
     }
 
-    /// Says once that a type's estimate dooms all its jobs, so that only probes run.
-    fn warn_shut_out(&self, slot: TypeSlot, budget_ms: u64) {
+    /// Says once that a type's estimate dooms all its jobs, so that only probes run, and once
+    /// that it runs jobs again.
+    fn log_shut_out(&self, slot: TypeSlot, change: ShutOut) {
         let name = self
             .estimates
             .names()
             .nth(slot.index())
             .map_or("", |(_, n)| n);
-        log::warn!(
-            "job type {name:?} is shut out by its work estimate ({budget_ms} ms, more than its \
-             jobs have left): no job of it ran for {} ms; one runs every {} ms as a probe \
-             until the work is quick again",
-            self.config.worker.estimate.probe_interval_ms,
-            self.config.worker.estimate.probe_interval_ms,
-        );
+        let estimate_ms = self
+            .estimates
+            .budget_ms(slot, self.policy.defaults.work_ms);
+        let interval_ms = self.config.worker.estimate.probe_interval_ms;
+        match change {
+            ShutOut::Began => log::warn!(
+                "job type {name:?} is shut out by its work estimate ({estimate_ms} ms, more \
+                 than its jobs have left): none ran for {interval_ms} ms; one every \
+                 {interval_ms} ms runs as a probe until the work is quick again"
+            ),
+            ShutOut::Ended => log::warn!(
+                "job type {name:?} runs jobs again (work estimate {estimate_ms} ms)"
+            ),
+        }
         if let Some(metrics) = &self.env.metrics {
-            metrics.shut_out(slot, true);
+            metrics.shut_out(slot, change == ShutOut::Began);
         }
     }
 
