@@ -422,6 +422,28 @@ mod tests {
     }
 
     #[test]
+    fn a_type_shut_out_by_its_estimate_and_the_probes_are_shown() {
+        let metrics = WorkerMetrics::new(Arc::new(FlagValues::new(0.0, 1.0)), 1, 2);
+        let mut estimates = WorkEstimates::new(SETTINGS, 2);
+        let report = estimates.slot("report");
+        estimates.slot("resize");
+        metrics.settled(&estimates, report, Outcome::Doomed, 250);
+        metrics.shut_out(report, true);
+        metrics.probe();
+        metrics.probe();
+        let text = scrape(&metrics);
+        for line in [
+            "flagshed_work_estimate_shut_out{type=\"report\"} 1\n",
+            "flagshed_work_estimate_shut_out{type=\"resize\"} 0\n",
+            "flagshed_work_estimate_probes_total 2\n",
+        ] {
+            assert!(text.contains(line), "{line}in\n{text}");
+        }
+        metrics.shut_out(report, false);
+        assert!(scrape(&metrics).contains("flagshed_work_estimate_shut_out{type=\"report\"} 0\n"));
+    }
+
+    #[test]
     fn the_no_type_slot_is_named_as_work_estimates_names_it() {
         let mut estimates = WorkEstimates::new(SETTINGS, 1);
         estimates.slot("");
