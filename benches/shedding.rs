@@ -23,9 +23,10 @@
 //! back at 0.9 of min(offered, capacity). Every run ends with its ledger balanced and every
 //! published job accounted for by id (audit trail and dead-letter queue).
 //!
-//! `cargo bench --bench shedding [-- --quick | --ci] [--mix NAME]... [--load N]...`:
-//! `--quick` shorter windows; `--ci` two short runs that fail only if a ledger does not
-//! balance. `FLAGSHED_BENCH_SECS` sets the steady window; CSV and markdown files go to
+//! `cargo bench --bench shedding [-- --quick | --ci] [--mix NAME]... [--load N]...
+//! [--streams N]`: `--quick` shorter windows; `--ci` two short runs that fail only if a ledger
+//! does not balance; `--streams N` runs N different job streams per cell and shows the means
+//! (near 1C, one stream of Poisson arrivals can favour either design by chance). `FLAGSHED_BENCH_SECS` sets the steady window; CSV and markdown files go to
 //! `FLAGSHED_BENCH_DIR` (`target/bench`).
 
 #[path = "../tests/support/mod.rs"]
@@ -158,15 +159,18 @@ struct Durations {
     phase: Duration,
 }
 
+/// Seconds until on-time completions were back after the doubling and after the halving
+/// (`None`: not within the phase).
+type BackAfter = (Option<u64>, Option<u64>);
+
 /// One run's figures.
 #[derive(Clone, Debug)]
 struct Figures {
     goodput: f64,
     wasted: f64,
     doomed: f64,
-    /// Drift: seconds until on-time completions were back after the doubling and after the
-    /// halving (`None`: not within the phase).
-    back_after: Option<(Option<u64>, Option<u64>)>,
+    /// Drift: seconds until on-time completions were back after each change.
+    back_after: Option<BackAfter>,
     /// Handler time / pool thread time over the window.
     busy: f64,
     /// The worker's budgets at the end of the window (`work_estimate_ms`).
@@ -175,13 +179,13 @@ struct Figures {
     balanced: bool,
 }
 
-fn run(mix: MixName, load: f64, design: Design, durations: Durations) -> Figures {
+fn run(mix: MixName, load: f64, design: Design, durations: Durations, stream: u64) -> Figures {
     let duration = if mix == MixName::Drift {
         durations.phase * 3
     } else {
         durations.warmup + durations.window
     };
-    let seed = (mix as u64 + 1) * 1_000_003 + (load * 100.0) as u64;
+    let seed = (mix as u64 + 1) * 1_000_003 + (load * 100.0) as u64 + stream * 7_919;
     let shedding = design != Design::Original;
     let StreamRun {
         report,
@@ -291,6 +295,39 @@ struct Row {
     mix: MixName,
     load: f64,
     figures: Vec<(Design, Figures)>,
+}
+
+impl Figures {
+    /// The mean over streams of the same (mix, load, design): at loads near capacity one
+    /// stream of Poisson arrivals can favour either design by chance.
+    fn mean(runs: &[Figures]) -> Figures {
+        let n = runs.len().max(1) as f64;
+        let mean = |get: fn(&Figures) -> f64| runs.iter().map(get).sum::<f64>() / n;
+        let worst = |get: fn(&BackAfter) -> Option<u64>| {
+            runs.iter()
+                .filter_map(|f| f.back_after.as_ref())
+                .map(get)
+                .try_fold(0, |worst, s| s.map(|s| worst.max(s)))
+        };
+        let ledgers: Vec<&str> = runs.iter().map(|f| f.ledger.as_str()).collect();
+        Figures {
+            goodput: mean(|f| f.goodput),
+            wasted: mean(|f| f.wasted),
+            doomed: mean(|f| f.doomed),
+            back_after: runs
+                .iter()
+                .any(|f| f.back_after.is_some())
+                .then(|| (worst(|b| b.0), worst(|b| b.1))),
+            busy: mean(|f| f.busy),
+            estimates: runs.last().map(|f| f.estimates.clone()).unwrap_or_default(),
+            balanced: runs.iter().all(|f| f.balanced),
+            ledger: if ledgers.iter().all(|l| *l == "ok") {
+                "ok".to_owned()
+            } else {
+                ledgers.join("; ")
+            },
+        }
+    }
 }
 
 impl Row {
@@ -447,6 +484,7 @@ fn main() {
     let settings = Settings::from_args();
     let mut mixes = Vec::new();
     let mut loads = Vec::new();
+    let mut streams = 1;
     let mut rest = settings.rest.iter();
     while let Some(arg) = rest.next() {
         match (arg.as_str(), rest.next()) {
@@ -459,6 +497,13 @@ fn main() {
                     std::process::exit(2);
                 }
             },
+            ("--streams", Some(n)) => match n.parse::<u64>() {
+                Ok(n) if n > 0 => streams = n,
+                _ => {
+                    eprintln!("--streams takes a whole number from 1, got {n:?}");
+                    std::process::exit(2);
+                }
+            },
             ("--load", Some(n)) => match n.parse::<f64>() {
                 Ok(load) if load > 0.0 => loads.push(load),
                 _ => {
@@ -467,7 +512,9 @@ fn main() {
                 }
             },
             (other, _) => {
-                eprintln!("unknown argument {other:?}: expected --mix NAME or --load N");
+                eprintln!(
+                    "unknown argument {other:?}: expected --mix NAME, --load N or --streams N"
+                );
                 std::process::exit(2);
             }
         }
@@ -525,28 +572,37 @@ fn main() {
         for &load in &loads {
             let mut figures = Vec::new();
             for &design in designs {
-                let began = Instant::now();
-                let f = run(mix, load, design, durations);
-                println!(
-                    "  {:<9} {:>4}C  {:<14} goodput {:>5}  wasted {:>5}  doomed {:>5}  busy {:>5}  estimate {}{}  ({:.0} s)  ledger {}",
-                    mix.name(),
-                    load,
-                    design.name(),
-                    fmt2(f.goodput),
-                    pct1(f.wasted),
-                    pct1(f.doomed),
-                    pct1(f.busy),
-                    f.estimates,
-                    if f.back_after.is_some() {
-                        format!("  back after {}", back_cell(Some(&f)))
-                    } else {
-                        String::new()
-                    },
-                    began.elapsed().as_secs_f64(),
-                    f.ledger
-                );
-                balanced &= f.balanced;
-                figures.push((design, f));
+                let mut runs = Vec::new();
+                for stream in 0..streams {
+                    let began = Instant::now();
+                    let f = run(mix, load, design, durations, stream);
+                    println!(
+                        "  {:<9} {:>4}C  {:<14} {}goodput {:>5}  wasted {:>5}  doomed {:>5}  busy {:>5}  estimate {}{}  ({:.0} s)  ledger {}",
+                        mix.name(),
+                        load,
+                        design.name(),
+                        if streams > 1 {
+                            format!("stream {stream}  ")
+                        } else {
+                            String::new()
+                        },
+                        fmt2(f.goodput),
+                        pct1(f.wasted),
+                        pct1(f.doomed),
+                        pct1(f.busy),
+                        f.estimates,
+                        if f.back_after.is_some() {
+                            format!("  back after {}", back_cell(Some(&f)))
+                        } else {
+                            String::new()
+                        },
+                        began.elapsed().as_secs_f64(),
+                        f.ledger
+                    );
+                    balanced &= f.balanced;
+                    runs.push(f);
+                }
+                figures.push((design, Figures::mean(&runs)));
             }
             rows.push(Row { mix, load, figures });
         }

@@ -465,16 +465,6 @@ fn the_child_sees_the_jobs_facts_and_none_of_the_daemons_environment() {
     assert_eq!(meta["properties"]["type"], "thumbnail", "{meta}");
 }
 
-/// The `work_estimate_ms` entry for `job_type` in a stats line.
-fn estimate_ms(stats: &Ledger, job_type: &str) -> Option<u64> {
-    stats
-        .text("work_estimate_ms")
-        .split(',')
-        .filter_map(|entry| entry.split_once(':'))
-        .find(|(name, _)| *name == job_type)
-        .and_then(|(_, ms)| ms.parse().ok())
-}
-
 #[test]
 fn the_work_estimate_per_type_follows_a_change_in_work_time() {
     let mut broker = TestBroker::connect();
@@ -503,16 +493,16 @@ exec sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))""#,
     publish("resize", 50, 20);
     publish("report", 300, 8);
     let stats = worker.wait_settled(28);
-    let resize = estimate_ms(&stats, "resize").expect("resize estimated");
-    let report = estimate_ms(&stats, "report").expect("report estimated");
+    let resize = stats.work_estimate_ms("resize").expect("resize estimated");
+    let report = stats.work_estimate_ms("report").expect("report estimated");
     assert!((50..150).contains(&resize), "{stats:?}");
     assert!(report >= 300, "{stats:?}");
     publish("resize", 250, 20);
     let stats = worker.wait_settled(48);
-    let resize_after = estimate_ms(&stats, "resize").expect("resize estimated");
+    let resize_after = stats.work_estimate_ms("resize").expect("resize estimated");
     assert!(resize_after >= 250, "did not follow: {stats:?}");
     assert_eq!(
-        estimate_ms(&stats, "report"),
+        stats.work_estimate_ms("report"),
         Some(report),
         "another type is not touched"
     );
@@ -567,7 +557,7 @@ fn one_job_stopped_at_its_deadline_does_not_shut_its_type_out() {
     // deadline, and every later job would be doomed.
     broker.publish_properties(&queue, sleep_job("slow", "resize", 1_500), b"5000");
     let stats = worker.wait_for_stats(|s| s.get("timed_out") == 1 && s.get("in_flight") == 0);
-    let estimate = estimate_ms(&stats, "resize").expect("resize estimated");
+    let estimate = stats.work_estimate_ms("resize").expect("resize estimated");
     assert!(
         estimate < 2_000,
         "one stopped job pushed the estimate past the deadline, to {estimate} ms: {stats:?}"
@@ -575,7 +565,7 @@ fn one_job_stopped_at_its_deadline_does_not_shut_its_type_out() {
     // The jobs after it still run, none doomed.
     publish_quick(1);
     let stats = worker.wait_settled(81);
-    let estimate = estimate_ms(&stats, "resize").expect("resize estimated");
+    let estimate = stats.work_estimate_ms("resize").expect("resize estimated");
     assert!(estimate < 2_000, "estimate {estimate} ms: {stats:?}");
     let ledger = worker.stop();
     ledger.assert_balanced();

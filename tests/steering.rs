@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 use support::broker::{TestBroker, now_ms, unique_name};
 use support::daemon::{Bin, Daemon, TempDir, TestConfig, final_states, ledger_lines, toml_str};
-use support::fake_ld::{FakeLd, number_flag};
+use support::fake_ld::{FakeLd, number_flag, value_flag};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SDK_KEY: &str = "sdk-steering-0123456789";
@@ -42,12 +42,11 @@ fn per_type_flag(
 }
 
 fn bool_flag(key: &str, version: u64, value: bool) -> Value {
-    json!({
-        "key": key, "version": version, "on": true,
-        "variations": [value], "offVariation": 0, "fallthrough": {"variation": 0},
-        "targets": [], "contextTargets": [], "rules": [], "prerequisites": [],
-        "salt": format!("{key}-salt"), "trackEvents": false, "deleted": false
-    })
+    value_flag(key, version, json!(value))
+}
+
+fn string_flag(key: &str, version: u64, value: &str) -> Value {
+    value_flag(key, version, json!(value))
 }
 
 /// A worker config talking to `fake` with events flushed every 200 ms.
@@ -448,25 +447,6 @@ fn turning_deadline_aware_shedding_off_lets_doomed_jobs_run() {
     worker.stop().assert_balanced();
 }
 
-fn string_flag(key: &str, version: u64, value: &str) -> Value {
-    json!({
-        "key": key, "version": version, "on": true,
-        "variations": [value], "offVariation": 0, "fallthrough": {"variation": 0},
-        "targets": [], "contextTargets": [], "rules": [], "prerequisites": [],
-        "salt": format!("{key}-salt"), "trackEvents": false, "deleted": false
-    })
-}
-
-/// The `work_estimate_ms` entry for `job_type` in a stats line.
-fn estimate_ms(stats: &support::daemon::Ledger, job_type: &str) -> Option<u64> {
-    stats
-        .text("work_estimate_ms")
-        .split(',')
-        .filter_map(|entry| entry.split_once(':'))
-        .find(|(name, _)| *name == job_type)
-        .and_then(|(_, ms)| ms.parse().ok())
-}
-
 #[test]
 fn the_shed_objective_flag_switches_the_budget_of_learned_work_live() {
     use std::os::unix::fs::PermissionsExt;
@@ -505,13 +485,13 @@ fn the_shed_objective_flag_switches_the_budget_of_learned_work_live() {
         broker.publish_properties(&queue, properties, ms.to_string().as_bytes());
     }
     let stats = worker.wait_settled(40);
-    let fewest_stopped = estimate_ms(&stats, "mix").expect("mix estimated");
+    let fewest_stopped = stats.work_estimate_ms("mix").expect("mix estimated");
     assert!(fewest_stopped >= 600, "{stats:?}");
 
     // Most on time: 50 ms finishes nine jobs in 0.45 s of work; 600 ms, ten in 1.05 s.
     fake.push_patch_flag(string_flag("shed-objective", 2, "most_on_time"));
     let stats = worker.wait_for_stats(|s| s.text("shed_objective") == "most_on_time");
-    let most_on_time = estimate_ms(&stats, "mix").expect("mix estimated");
+    let most_on_time = stats.work_estimate_ms("mix").expect("mix estimated");
     assert!((50..100).contains(&most_on_time), "{stats:?}");
 
     // A value of neither kind is warned about, and the config's objective holds.
@@ -521,7 +501,7 @@ fn the_shed_objective_flag_switches_the_budget_of_learned_work_live() {
     let (_, stats) =
         worker.wait_for_stats_from(warned_at, |s| s.text("shed_objective") == "fewest_stopped");
     assert_eq!(
-        estimate_ms(&stats, "mix"),
+        stats.work_estimate_ms("mix"),
         Some(fewest_stopped),
         "{stats:?}"
     );

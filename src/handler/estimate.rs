@@ -11,13 +11,21 @@
 //! the work-time distribution, which is correct under that censoring: a stopped job counts as
 //! "still running" for every time below the one it was stopped at, and no more.
 //!
+//! A job stopped although it started with (nearly) its whole deadline ahead *overran*: it
+//! needs more than any deadline gives, and no budget would have saved it. Such jobs are kept
+//! apart from the curve, so that a few of them (the far tail of heavy-tailed work) cannot
+//! push the budget for the others up to the deadline and shut the type out at normal load;
+//! when they are most of the weight, the type's work no longer fits its deadlines, and the
+//! budget is the longest time seen, which dooms its jobs until probes say otherwise.
+//!
 //! **Forgetting.** The histograms use log-spaced buckets (4 % wide, 1 ms to one day: about
 //! 470 buckets), and their weights decay both with every job of the type (`half_life_jobs`)
 //! and with time (`half_life_ms`), so a drift in work time is followed, and what was learned
 //! in a slow spell loses its weight even when few jobs run.
 //!
 //! **The budget, by objective.** `FewestStopped` (the default) budgets the `quantile` of the
-//! work time (0.99: at most about 1 % of the jobs started with just the budget left are cut off).
+//! work time of the jobs that fit a deadline (0.99: at most about 1 % of the jobs started with
+//! just the budget left are cut off).
 //! When the data do not reach that quantile (more than 1 - quantile of the weight was stopped
 //! before it finished), the budget is the longest time observed: nothing shorter is known to
 //! be enough. `MostOnTime` budgets the time B that maximises F(B) / E[min(W, B)] on the same
@@ -142,6 +150,9 @@ pub enum Observed {
     Finished(u64),
     /// It was stopped (at its deadline) after running this many ms: it needed more.
     Stopped(u64),
+    /// It was stopped after this many ms although it started with (nearly) its whole
+    /// deadline ahead: it needs more than a deadline gives, and no budget would have saved it.
+    Overran(u64),
 }
 
 /// What to do with a job its estimate dooms.
@@ -274,17 +285,18 @@ impl WorkEstimates {
     pub fn observe(&mut self, slot: TypeSlot, observed: Observed, probe: bool, now_ms: u64) {
         let settings = self.settings;
         let estimator = &mut self.estimators[slot.0];
-        let (bucket_ms, stopped) = match observed {
-            Observed::Finished(ms) => (ms, false),
-            Observed::Stopped(ms) => (ms, true),
+        let (bucket_ms, kind) = match observed {
+            Observed::Finished(ms) => (ms, Kind::Finished),
+            Observed::Stopped(ms) => (ms, Kind::Stopped),
+            Observed::Overran(ms) => (ms, Kind::Overran),
         };
-        estimator.observe(bucket(bucket_ms), stopped, now_ms, &settings);
+        estimator.observe(bucket(bucket_ms), kind, now_ms, &settings);
         if probe {
             // A quick finish lets the type's next doomed jobs through while they have room
             // for twice that; a stop ends it.
             estimator.probe_room_ms = match observed {
                 Observed::Finished(ms) => Some(ms.saturating_mul(2).max(1)),
-                Observed::Stopped(_) => None,
+                Observed::Stopped(_) | Observed::Overran(_) => None,
             };
         }
     }
@@ -397,6 +409,17 @@ fn display_name(job_type: &str) -> String {
         .collect()
 }
 
+/// How an observation is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Finished,
+    Stopped,
+    Overran,
+}
+
+/// Past this share of the weight, jobs that overran a whole deadline shut their type out.
+const MOSTLY_OVERRAN: f64 = 0.5;
+
 /// One type's decaying histograms, and its probe state.
 #[derive(Debug)]
 struct Estimator {
@@ -404,8 +427,13 @@ struct Estimator {
     finished: Box<[f64; BUCKETS]>,
     /// Weights of stopped jobs by bucket of the time they ran.
     stopped: Box<[f64; BUCKETS]>,
-    /// The highest bucket with any weight: the refresh stops there.
+    /// The highest bucket of `finished` or `stopped` with any weight: the refresh stops there.
     top: usize,
+    /// The weight of jobs that overran a whole deadline, kept apart from the curve: no budget
+    /// would have saved them, so they say nothing about which budget saves the others.
+    overran: f64,
+    /// The highest bucket an overran job reached.
+    overran_top: usize,
     /// The weight the next observation adds; grows with every job and with time, so that
     /// older ones weigh less.
     increment: f64,
@@ -430,6 +458,8 @@ impl Estimator {
             finished: Box::new([0.0; BUCKETS]),
             stopped: Box::new([0.0; BUCKETS]),
             top: 0,
+            overran: 0.0,
+            overran_top: 0,
             increment: 1.0,
             grown_ms: None,
             seen: 0,
@@ -441,7 +471,7 @@ impl Estimator {
         }
     }
 
-    fn observe(&mut self, bucket: usize, stopped: bool, now_ms: u64, settings: &EstimateSettings) {
+    fn observe(&mut self, bucket: usize, kind: Kind, now_ms: u64, settings: &EstimateSettings) {
         let elapsed_ms = self.grown_ms.map_or(0, |t| now_ms.saturating_sub(t));
         self.grown_ms = Some(now_ms);
         let halvings = 1.0 / f64::from(settings.half_life_jobs.max(1))
@@ -455,15 +485,20 @@ impl Estimator {
             let scale = (-(self.increment.log2() + halvings)).exp2();
             self.finished.iter_mut().for_each(|w| *w *= scale);
             self.stopped.iter_mut().for_each(|w| *w *= scale);
+            self.overran *= scale;
             self.increment = 1.0;
         }
-        let weights = if stopped {
-            &mut self.stopped
-        } else {
-            &mut self.finished
-        };
-        weights[bucket] += self.increment;
-        self.top = self.top.max(bucket);
+        match kind {
+            Kind::Finished => self.finished[bucket] += self.increment,
+            Kind::Stopped => self.stopped[bucket] += self.increment,
+            Kind::Overran => {
+                self.overran += self.increment;
+                self.overran_top = self.overran_top.max(bucket);
+            }
+        }
+        if kind != Kind::Overran {
+            self.top = self.top.max(bucket);
+        }
         self.seen += 1;
         self.refresh(settings);
     }
@@ -475,6 +510,14 @@ impl Estimator {
         let top = self.top;
         let mut at_risk: f64 = self.finished[..=top].iter().sum::<f64>()
             + self.stopped[..=top].iter().sum::<f64>();
+        if self.overran > MOSTLY_OVERRAN * (self.overran + at_risk) {
+            // Most jobs need more than their whole deadline: whatever starts is mostly cut
+            // off, so the budget is the longest time seen, which dooms them, and probes tell
+            // when the work is quick again.
+            self.quantile_ms = upper_edge(top.max(self.overran_top));
+            self.most_on_time_ms = self.quantile_ms;
+            return;
+        }
         let mut running = 1.0;
         // Work spent per started job up to the bucket's edge: the area under the curve.
         let mut work = 0.0;
@@ -720,6 +763,40 @@ mod tests {
         let after = estimates.budget_ms(slot, 0);
         assert!(after < 300, "{before} ms became {after} ms");
         assert_eq!(after, before, "a stopped job is not an observation of 1.5 s");
+    }
+
+    #[test]
+    fn jobs_that_overran_a_whole_deadline_leave_the_budget_to_the_others_unless_most_do() {
+        // Heavy-tailed work at normal load: the jobs start with their whole 2 s deadline, and
+        // the 0.7 % that need more overrun it. Counted as stopped at 2 s, they would make the
+        // quantile unreachable (the budget then the longest time seen, about the deadline) as
+        // soon as they weigh over 1 %; apart, the budget is the quantile of the rest.
+        let mut draws = Draws(13);
+        let mut estimates = WorkEstimates::new(STILL, 1);
+        let slot = estimates.slot("x");
+        let mut overran = 0;
+        for i in 0..20_000u64 {
+            let work = draws.lognormal(200.0, 2.0);
+            let observed = if work > 2_000.0 {
+                overran += 1;
+                Observed::Overran(2_000)
+            } else {
+                Observed::Finished(work as u64)
+            };
+            estimates.observe(slot, observed, false, i);
+        }
+        assert!(overran > 100, "{overran}");
+        let budget = estimates.budget_ms(slot, 0);
+        // P(W <= B | W <= 2 s) = 0.99 at B = 1.31 s.
+        assert!(
+            (1_250..1_450).contains(&budget),
+            "{budget} ms: the 99th percentile of the jobs that fit is about 1.31 s"
+        );
+        // When most jobs overrun, the type's work no longer fits its deadlines.
+        for i in 0..60_000u64 {
+            estimates.observe(slot, Observed::Overran(2_000), false, 20_000 + i);
+        }
+        assert!(estimates.budget_ms(slot, 0) >= 2_000);
     }
 
     #[test]

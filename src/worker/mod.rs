@@ -761,10 +761,12 @@ impl Worker<'_, '_> {
         }
         self.ledger.work_ms += completion.worked_ms;
         if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
-            let observed = if outcome == Outcome::TimedOut {
-                Observed::Stopped(completion.worked_ms)
-            } else {
-                Observed::Finished(completion.worked_ms)
+            let observed = match outcome {
+                Outcome::TimedOut if completion.had_whole_deadline => {
+                    Observed::Overran(completion.worked_ms)
+                }
+                Outcome::TimedOut => Observed::Stopped(completion.worked_ms),
+                _ => Observed::Finished(completion.worked_ms),
             };
             self.estimates
                 .observe(completion.slot, observed, completion.probe, now_ms());

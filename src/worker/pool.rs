@@ -46,6 +46,9 @@ pub(super) struct Completion {
     pub(super) outcome: Outcome,
     /// Handler time spent, for the late-work counter.
     pub(super) worked_ms: u64,
+    /// The job started with at least nine tenths of its deadline ahead (created to deadline):
+    /// if it was stopped, it needs more than its deadline gives.
+    pub(super) had_whole_deadline: bool,
     /// Enqueue to start, for jobs that ran.
     pub(super) wait_ms: Option<u64>,
     /// Deadline minus finish, for jobs that finished on time with a deadline.
@@ -112,6 +115,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
         probe: task.probe,
         outcome: Outcome::Done,
         worked_ms: 0,
+        had_whole_deadline: false,
         wait_ms: None,
         slack_ms: None,
         lateness_ms: None,
@@ -149,6 +153,11 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
                     });
             let finished_ms = now_ms();
             completion.worked_ms = finished_ms.saturating_sub(started_ms);
+            completion.had_whole_deadline = task.meta.deadline_ms.is_some_and(|deadline| {
+                let ahead = deadline.saturating_sub(started_ms);
+                let whole = deadline.saturating_sub(task.meta.created_ms);
+                ahead.saturating_mul(10) >= whole.saturating_mul(9)
+            });
             completion.wait_ms = Some(started_ms.saturating_sub(task.meta.created_ms));
             completion.outcome = match result {
                 Err(HandlerError::TimedOut) => Outcome::TimedOut,

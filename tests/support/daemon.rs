@@ -419,6 +419,15 @@ impl Ledger {
         self.fields.get(key).map(String::as_str).unwrap_or("")
     }
 
+    /// A worker stats line's budget for `job_type`, from `work_estimate_ms=type:ms,...`.
+    pub fn work_estimate_ms(&self, job_type: &str) -> Option<u64> {
+        self.text("work_estimate_ms")
+            .split(',')
+            .filter_map(|entry| entry.split_once(':'))
+            .find(|(name, _)| *name == job_type)
+            .and_then(|(_, ms)| ms.parse().ok())
+    }
+
     /// Asserts a worker's final line accounts for every delivery: each received job is in
     /// exactly one outcome or went back to the broker with its channel.
     pub fn assert_balanced(&self) {

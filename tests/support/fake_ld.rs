@@ -302,6 +302,11 @@ impl Drop for FakeLd {
 
 /// A flag that is on and serves `value` to everyone: the simplest thing to evaluate.
 pub fn number_flag(key: &str, version: u64, value: f64) -> Value {
+    value_flag(key, version, json!(value))
+}
+
+/// A flag that is on and serves `value`, of any JSON type, to everyone.
+pub fn value_flag(key: &str, version: u64, value: Value) -> Value {
     json!({
         "key": key, "version": version, "on": true,
         "variations": [value], "offVariation": 0, "fallthrough": {"variation": 0},
