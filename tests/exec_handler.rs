@@ -305,6 +305,7 @@ fn a_flood_of_output_is_logged_up_to_the_limit_and_counted() {
     );
     let config = exec_config(&queue, &[flood.to_str().expect("utf-8 path")])
         .set("handler", "output_limit_bytes", "1000")
+        .set("handler", "output_limit_lines", "1000")
         .write(&dir, "flagshed.toml");
     let mut worker = start(&config);
     broker.publish_properties(&queue, job("flood"), b"");
@@ -313,12 +314,37 @@ fn a_flood_of_output_is_logged_up_to_the_limit_and_counted() {
     ledger.assert_balanced();
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
     let log = worker.log();
-    // 1,000 bytes are 200 lines of "flood"; the other 199,800 lines and stderr's "oops" are
-    // counted, not logged.
-    assert_eq!(log.matches("job flood stdout: flood").count(), 200);
+    // 1,000 bytes, newlines counted, are 166 lines of "flood" and the "flo" of the next; the
+    // rest of the 1,200,000 bytes and stderr's "oops" are counted, not logged.
+    assert_eq!(log.matches("job flood stdout: flood").count(), 166);
+    assert!(log.contains("job flood stdout: flo\n"), "{log}");
     assert!(!log.contains("oops"), "{log}");
     assert!(
-        log.contains("job flood: 999004 more bytes of output not logged"),
+        log.contains("job flood: 1199005 more bytes of output not logged"),
+        "{log}"
+    );
+}
+
+#[test]
+fn many_short_lines_are_bounded_in_number() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-lines");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-lines");
+    let lines = script(&dir, "lines.sh", "yes x | head -n 8192");
+    // The defaults: 16 KiB and 100 lines.
+    let config =
+        exec_config(&queue, &[lines.to_str().expect("utf-8 path")]).write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    broker.publish_properties(&queue, job("lines"), b"");
+    worker.wait_settled(1);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 1, "{ledger:?}");
+    let log = worker.log();
+    assert_eq!(log.matches("job lines stdout: x").count(), 100);
+    assert!(
+        log.contains("job lines: 16184 more bytes of output not logged"),
         "{log}"
     );
 }

@@ -247,8 +247,10 @@ pub struct HandlerConfig {
     pub enforce_deadline: bool,
     /// Between SIGTERM and SIGKILL for an exec job stopped at its deadline.
     pub kill_grace: Duration,
-    /// Bytes of an exec job's stdout and stderr logged per job.
+    /// Bytes of an exec job's stdout and stderr logged per job, newlines included.
     pub output_limit_bytes: usize,
+    /// Lines of an exec job's stdout and stderr logged per job.
+    pub output_limit_lines: usize,
     /// Times a job may ask to be retried before it ends `failed`.
     pub max_retries: u32,
     /// How long a job that asked to be retried is held before it goes back to the queue.

@@ -675,6 +675,12 @@ impl Checker<'_> {
                 16 * 1024,
                 0..=16 * 1024 * 1024,
             )? as usize,
+            output_limit_lines: self.range(
+                "handler.output_limit_lines",
+                h.output_limit_lines,
+                100,
+                0..=1_000_000,
+            )? as usize,
             max_retries: self.range("handler.max_retries", h.max_retries, 5, 0..=1_000)? as u32,
             retry_delay: Duration::from_millis(self.range(
                 "handler.retry_delay_ms",

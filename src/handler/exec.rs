@@ -21,7 +21,7 @@
 //! Exit status 0 is success, 75 (EX_TEMPFAIL) asks for a retry, anything else (or a signal)
 //! is a failure.
 
-use super::output::{JobOutput, Stream};
+use super::output::{JobOutput, OutputLimits, Stream};
 use super::{Handler, HandlerError, Job, job_json};
 use crate::clock::now_ms;
 use std::collections::HashSet;
@@ -40,6 +40,10 @@ pub const EXIT_RETRY: i32 = 75;
 /// How long a poll waits at most when the kernel has no pidfd to signal the child's exit.
 const EXIT_CHECK_WITHOUT_PIDFD: Duration = Duration::from_millis(5);
 
+/// Log lines of one job's output, unless [`ExecHandler::with_output_limit_lines`] says
+/// otherwise: `handler.output_limit_lines`' default.
+pub const DEFAULT_OUTPUT_LIMIT_LINES: usize = 100;
+
 /// Runs `program args...` per job.
 #[derive(Debug)]
 pub struct ExecHandler {
@@ -48,7 +52,7 @@ pub struct ExecHandler {
     /// Every variable a child gets besides the job's facts.
     env: Vec<(OsString, OsString)>,
     kill_grace: Duration,
-    output_limit_bytes: usize,
+    output_limits: OutputLimits,
     /// Process groups of the children running now, for [`Handler::abort_running`].
     running: Mutex<HashSet<libc::pid_t>>,
 }
@@ -68,9 +72,20 @@ impl ExecHandler {
             args,
             env,
             kill_grace,
-            output_limit_bytes,
+            output_limits: OutputLimits {
+                bytes: output_limit_bytes,
+                lines: DEFAULT_OUTPUT_LIMIT_LINES,
+            },
             running: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Logs at most `lines` lines of a job's output (besides the byte limit), so that a child
+    /// writing many short lines cannot flood the journal with records.
+    #[must_use]
+    pub fn with_output_limit_lines(mut self, lines: usize) -> ExecHandler {
+        self.output_limits.lines = lines;
+        self
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashSet<libc::pid_t>> {
@@ -116,7 +131,7 @@ impl Handler for ExecHandler {
         })?;
         let group = child.id() as libc::pid_t;
         self.running().insert(group);
-        let mut output = JobOutput::new(job.display_id(), self.output_limit_bytes);
+        let mut output = JobOutput::new(job.display_id(), self.output_limits);
         let ended = supervise(child, job.body, stop_at, self.kill_grace, &mut output);
         self.running().remove(&group);
         output.finish();
