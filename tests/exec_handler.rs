@@ -159,6 +159,7 @@ struct Stopped {
     /// A line per process that received SIGTERM and ended by itself.
     terms: usize,
     ledger: Ledger,
+    log: String,
 }
 
 /// Runs one job of a script that starts a grandchild and sleeps past the deadline. Both
@@ -232,6 +233,7 @@ fn stop_at_deadline(what: &str, ignore_term: bool, kill_grace_ms: u64) -> Stoppe
         ended_after,
         terms,
         ledger,
+        log: worker.log(),
     }
 }
 
@@ -242,6 +244,13 @@ fn a_job_past_its_deadline_is_stopped_with_its_grandchildren() {
     // Both got SIGTERM and ended by themselves: SIGKILL, a minute later, was not needed.
     assert_eq!(stopped.terms, 2, "processes that noted SIGTERM");
     assert!(stopped.ended_after.is_some(), "stopped before the deadline");
+    assert!(
+        stopped
+            .log
+            .contains("job \"sleeper\" timed_out: stopped at its deadline after"),
+        "{}",
+        stopped.log
+    );
 }
 
 #[test]
@@ -393,6 +402,69 @@ fn a_command_gone_at_run_time_fails_the_job_and_the_worker_goes_on() {
     assert_eq!(ledger.get("failed"), 1, "{ledger:?}");
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
     assert!(worker.log().contains("cannot run"), "{}", worker.log());
+}
+
+/// How many failures of `cause` the log accounts for: lines logged one by one, and the
+/// counts of those that were not.
+fn failures_accounted(log: &str, cause: &str) -> u64 {
+    let count_after = |line: &str, marker: &str| -> u64 {
+        line.split_once(marker)
+            .and_then(|(before, _)| before.rsplit(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut total = 0;
+    for line in log.lines() {
+        if line.contains(&format!("failed: {cause}")) {
+            total += 1 + count_after(line, " more of this cause");
+        }
+        if line.contains(&format!("more failed jobs ({cause}) were not logged")) {
+            total += count_after(line, " more failed jobs");
+        }
+    }
+    total
+}
+
+#[test]
+fn each_distinct_failure_is_logged_with_its_count() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-causes");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-causes");
+    let fail_with = script(
+        &dir,
+        "fail-with.sh",
+        r#"read what
+case "$what" in
+  kill) kill -KILL $$ ;;
+  segv) kill -SEGV $$ ;;
+  *) exit "$what" ;;
+esac"#,
+    );
+    let config = exec_config(&queue, &[fail_with.to_str().expect("utf-8 path")])
+        .set("worker", "concurrency", "4")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    let causes = [
+        ("2", "exit status 2"),
+        ("3", "exit status 3"),
+        ("kill", "killed by signal 9"),
+        ("segv", "killed by signal 11"),
+    ];
+    for round in 0..3 {
+        for (body, _) in causes {
+            let id = format!("{body}-{round}");
+            broker.publish_properties(&queue, job(&id), body.as_bytes());
+        }
+    }
+    worker.wait_settled(12);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("failed"), 12, "{ledger:?}");
+    let log = worker.log();
+    for (_, cause) in causes {
+        assert_eq!(failures_accounted(&log, cause), 3, "{cause}:\n{log}");
+    }
 }
 
 #[test]

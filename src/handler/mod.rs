@@ -44,6 +44,16 @@ pub enum HandlerError {
     TimedOut,
 }
 
+impl HandlerError {
+    /// The kind of failure, for grouping warnings: the reason, or `"timed out"`.
+    pub fn cause(&self) -> &str {
+        match self {
+            HandlerError::Failed(why) | HandlerError::Retry(why) => why,
+            HandlerError::TimedOut => "timed out",
+        }
+    }
+}
+
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -766,17 +766,24 @@ impl Worker<'_, '_> {
         }
         if let Some(why) = &completion.failure {
             let window = &self.window;
-            self.failure_warnings.warn(|| {
-                let id = window
-                    .get(completion.tag)
-                    .and_then(|(d, _)| d.properties.message_id().as_deref());
-                let id = id.unwrap_or("(no message_id)");
-                match gave_up {
-                    Some(n) => format!("job {id:?} failed: {why}, after {n} retries"),
-                    None if outcome == Outcome::Retried => format!("job {id:?} {why}"),
-                    None => format!("job {id:?} failed: {why}"),
-                }
-            });
+            let cause = match gave_up {
+                Some(_) => format!("{} (retries used up)", why.cause()),
+                None => why.cause().to_owned(),
+            };
+            let worked_ms = completion.worked_ms;
+            let id = window
+                .get(completion.tag)
+                .and_then(|(d, _)| d.properties.message_id().as_deref())
+                .unwrap_or("(no message_id)");
+            self.failure_warnings
+                .warn_about(&cause, id, || match (gave_up, outcome) {
+                    (Some(n), _) => format!("job {id:?} failed: {why}, after {n} retries"),
+                    (None, Outcome::Retried) => format!("job {id:?} {why}"),
+                    (None, Outcome::TimedOut) => {
+                        format!("job {id:?} timed_out: {why} after {worked_ms} ms")
+                    }
+                    (None, _) => format!("job {id:?} failed: {why}"),
+                });
         }
         if outcome == Outcome::Retried && !self.policy.retry_delay.is_zero() {
             // Held back, so the job is not handed straight back to a worker (and a service
@@ -872,10 +879,13 @@ impl Worker<'_, '_> {
     }
 
     fn warn_malformed(&mut self, delivery: &Delivery, why: &job::Malformed) {
-        self.malformed_warnings.warn(|| {
-            let id = delivery.properties.message_id().as_deref();
-            format!("malformed job {:?}: {why}", id.unwrap_or("(no message_id)"))
-        });
+        let id = delivery
+            .properties
+            .message_id()
+            .as_deref()
+            .unwrap_or("(no message_id)");
+        self.malformed_warnings
+            .warn_about(&why.to_string(), id, || format!("malformed job {id:?}: {why}"));
     }
 
     /// Stops taking jobs: cancels the consumer and hands unstarted jobs back to the queue.

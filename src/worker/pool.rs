@@ -48,8 +48,8 @@ pub(super) struct Completion {
     pub(super) slack_ms: Option<u64>,
     /// Finish minus deadline, for jobs that finished late.
     pub(super) lateness_ms: Option<u64>,
-    /// Why the handler failed or asked for a retry, for the consumer thread's (throttled)
-    /// warning.
+    /// Why the handler failed, timed out or asked for a retry, for the consumer thread's
+    /// (throttled) warning.
     pub(super) failure: Option<HandlerError>,
 }
 
@@ -146,7 +146,10 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
             completion.worked_ms = finished_ms.saturating_sub(started_ms);
             completion.wait_ms = Some(started_ms.saturating_sub(task.meta.created_ms));
             completion.outcome = match result {
-                Err(HandlerError::TimedOut) => Outcome::TimedOut,
+                Err(e @ HandlerError::TimedOut) => {
+                    completion.failure = Some(e);
+                    Outcome::TimedOut
+                }
                 Err(e @ HandlerError::Retry(_)) => {
                     completion.failure = Some(e);
                     if task.properties.message_id().is_none() {
