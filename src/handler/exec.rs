@@ -20,6 +20,10 @@
 //!
 //! Exit status 0 is success, 75 (EX_TEMPFAIL) asks for a retry, anything else (or a signal)
 //! is a failure.
+//!
+//! Every wait is bounded by the job's stop time: the spawn runs on a short-lived thread the
+//! pool thread waits for no longer than that (a child that starts after all is killed at
+//! once), and stdin is written without blocking inside the supervising poll.
 
 use super::output::{JobOutput, OutputLimits, Stream};
 use super::{Handler, HandlerError, Job, job_json};
@@ -31,7 +35,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// sysexits' EX_TEMPFAIL: "try again later".
@@ -126,9 +130,16 @@ impl Handler for ExecHandler {
     fn handle(&self, job: &Job<'_>) -> Result<(), HandlerError> {
         let now = now_ms();
         let stop_at = job.time_to_stop(now).map(|left| Instant::now() + left);
-        let child = self.command(job, now).spawn().map_err(|e| {
-            HandlerError::Failed(format!("cannot run {}: {e}", self.program.display()))
-        })?;
+        let child = match spawn_within(self.command(job, now), stop_at) {
+            Ok(child) => child,
+            Err(Spawn::TimedOut) => return Err(HandlerError::TimedOut),
+            Err(Spawn::Failed(e)) => {
+                return Err(HandlerError::Failed(format!(
+                    "cannot run {}: {e}",
+                    self.program.display()
+                )));
+            }
+        };
         let group = child.id() as libc::pid_t;
         self.running().insert(group);
         let mut output = JobOutput::new(job.display_id(), self.output_limits);
@@ -154,6 +165,73 @@ impl Handler for ExecHandler {
         for &group in self.running().iter() {
             signal_group(group, libc::SIGKILL);
         }
+    }
+}
+
+
+/// Why a child was not started.
+enum Spawn {
+    /// The stop time came first.
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// Where a spawn on its own thread stands, shared with the pool thread that waits for it.
+enum SpawnState {
+    Waiting,
+    Done(io::Result<Child>),
+    /// The pool thread stopped waiting: a child that starts now is killed at once.
+    GivenUp,
+}
+
+/// Starts `command`, waiting no later than `stop_at`. `fork` and `execve` can block (a program
+/// on a hung network file system, a machine short of memory), so with a stop time the spawn
+/// runs on a thread of its own; if the stop time comes first, the child it may still start
+/// is killed with its group and reaped by that thread, so nothing runs for a job given up on.
+fn spawn_within(mut command: Command, stop_at: Option<Instant>) -> Result<Child, Spawn> {
+    let Some(stop_at) = stop_at else {
+        return command.spawn().map_err(Spawn::Failed);
+    };
+    if Instant::now() >= stop_at {
+        return Err(Spawn::TimedOut);
+    }
+    let shared = Arc::new((Mutex::new(SpawnState::Waiting), Condvar::new()));
+    let theirs = Arc::clone(&shared);
+    let started = std::thread::Builder::new()
+        .name("exec-spawn".into())
+        .spawn(move || {
+            let result = command.spawn();
+            let (state, done) = &*theirs;
+            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            if matches!(*state, SpawnState::GivenUp) {
+                if let Ok(mut child) = result {
+                    signal_group(child.id() as libc::pid_t, libc::SIGKILL);
+                    let _ = child.wait();
+                }
+                return;
+            }
+            *state = SpawnState::Done(result);
+            done.notify_one();
+        });
+    if let Err(e) = started {
+        return Err(Spawn::Failed(e));
+    }
+    let (state, done) = &*shared;
+    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        match std::mem::replace(&mut *state, SpawnState::Waiting) {
+            SpawnState::Done(result) => return result.map_err(Spawn::Failed),
+            SpawnState::Waiting | SpawnState::GivenUp => {}
+        }
+        let left = stop_at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            *state = SpawnState::GivenUp;
+            return Err(Spawn::TimedOut);
+        }
+        state = done
+            .wait_timeout(state, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
     }
 }
 
@@ -369,5 +447,25 @@ fn signal_group(group: libc::pid_t, signal: libc::c_int) {
     // SAFETY: kill(2) with a negative pid signals that process group; ESRCH (none left) is fine.
     unsafe {
         libc::kill(-group, signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawn_waits_no_later_than_the_stop_time() {
+        let gone = spawn_within(Command::new("/bin/true"), Some(Instant::now()));
+        assert!(matches!(gone, Err(Spawn::TimedOut)), "nothing started");
+        let in_time = Instant::now() + Duration::from_secs(30);
+        match spawn_within(Command::new("/bin/true"), Some(in_time)) {
+            Ok(mut child) => assert!(child.wait().expect("reaped").success()),
+            Err(_) => panic!("/bin/true did not start"),
+        }
+        match spawn_within(Command::new("/nonexistent/program"), Some(in_time)) {
+            Err(Spawn::Failed(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+            _ => panic!("a missing program started"),
+        }
     }
 }
