@@ -50,7 +50,6 @@ impl Outcome {
 
     /// Whether the job is finished with here: false for the outcomes that hand it back to the
     /// queue (`retried`, `requeued`), where another delivery of it will end in its own outcome.
-    #[cfg(any(test, feature = "internals"))]
     pub fn is_final(self) -> bool {
         !matches!(self, Outcome::Retried | Outcome::Requeued)
     }

@@ -16,6 +16,12 @@
 //! `returned`. Each connection has a generation number that tasks carry, so a job that was
 //! running across a reconnect is recognised when it completes.
 //!
+//! No job leaves without a recorded final state: a job is never handed back to the queue
+//! (a retry, a drain, a pause, a held intake, a lost connection) past its deadline or its
+//! AMQP expiration, where RabbitMQ would drop it unseen; it is recorded `expired` instead
+//! ([`settle::in_time`]), and acked or rejected as the shed action says when the channel
+//! still lives.
+//!
 //! By thread: this module is the consumer thread's loop; [`pool`] is what the pool threads
 //! run; [`settle`] maps outcomes to acks, rejects and requeues.
 
@@ -31,8 +37,8 @@ use crate::config::{Config, ShedAction};
 use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::gate::Gate;
+use crate::handler::estimate::WorkEstimates;
 use crate::handler::Handler;
-use crate::handler::estimate::{TypeSlot, WorkEstimates};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
@@ -45,9 +51,9 @@ use crate::throttle::Throttle;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, bounded, never, select, tick};
 use pool::{Completion, Task, start_pool};
+use settle::{Held, delivery_count, disposition, in_time, past, send_frame};
+use std::collections::{HashSet, VecDeque};
 use tasks::TaskQueue;
-use settle::{delivery_count, disposition, send_frame};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -140,6 +146,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ack_batch: usize::from(prefetch / 4).max(1),
         flush_at: None,
         stale_running: 0,
+        settled_at_loss: HashSet::new(),
+        handed_back_late: 0,
         ledger: WorkerLedger::default(),
         draining: None,
         cancelled: false,
@@ -162,15 +170,17 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     worker.hand_over_tally();
     worker.malformed_warnings.finish();
     worker.failure_warnings.finish();
+    // What is still held goes back to the queue when the connection closes.
+    let unsettled = worker.let_go(now_ms());
     let Worker {
         ledger,
-        window,
         stale_running,
         tasks,
+        handed_back_late,
         ..
     } = worker;
     tasks.close();
-    let abandoned = window.held() as u64 + stale_running;
+    let abandoned = unsettled + stale_running;
     if abandoned == 0 {
         for thread in pool {
             let _ = thread.join();
@@ -182,8 +192,9 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     let mut line = String::from("final role=worker ");
     ledger.write_fields(&mut line);
     line.push_str(&format!(
-        " returned_unacked={abandoned} balanced={}",
+        " returned_unacked={abandoned} handed_back_late={handed_back_late} balanced={}",
         ledger.received == ledger.settled() + ledger.returned + abandoned
+            && handed_back_late == 0
     ));
     log::info!("{line}");
     match refused {
@@ -202,15 +213,22 @@ struct Worker<'e, 'a> {
     stats: StatsTicker,
     /// Counts connections; tasks carry it so completions from a dead channel are recognised.
     generation: u64,
-    /// Deliveries held on this connection (with their job type's slot), running or decided,
-    /// and the batching of their acks.
-    window: AckWindow<(Delivery, TypeSlot), Outcome>,
+    /// Deliveries held on this connection, running or decided, and the batching of their
+    /// acks.
+    window: AckWindow<Held, Outcome>,
     /// Decisions waiting for a flush that make one worth doing at once.
     ack_batch: usize,
     /// When waiting decisions must be flushed at the latest.
     flush_at: Option<Instant>,
     /// Tasks of earlier generations still running in the pool.
     stale_running: u64,
+    /// Running jobs of a lost connection that were recorded when it was lost (by generation
+    /// and tag), because RabbitMQ drops them: their completions count nothing more.
+    settled_at_loss: HashSet<(u64, u64)>,
+    /// Hand-backs sent for jobs already past their deadline or expiration: none, unless a
+    /// path to the broker skips [`settle::in_time`]. Any makes the final line unbalanced, so
+    /// tests catch such a path.
+    handed_back_late: u64,
     ledger: WorkerLedger,
     /// When draining, the moment the grace period ends.
     draining: Option<Instant>,
@@ -237,6 +255,32 @@ struct Worker<'e, 'a> {
     /// Uses of each skip-rate evaluation, one per job decided, for LaunchDarkly's events.
     skip_uses: Tally,
     tally_tick: Receiver<Instant>,
+}
+
+/// Where a settled delivery is counted: the ledger, the audit trail and the metrics, which
+/// must always agree.
+struct Recorder<'r> {
+    ledger: &'r mut WorkerLedger,
+    audit: Option<&'r mut AuditLog>,
+    metrics: Option<&'r WorkerMetrics>,
+    estimates: &'r WorkEstimates,
+    default_work_ms: u64,
+}
+
+impl Recorder<'_> {
+    /// Counts `held` as settled in `outcome`.
+    fn record(self, held: &Held, outcome: Outcome) {
+        if let Some(audit) = self.audit {
+            audit.record(
+                held.delivery.properties.message_id().as_deref(),
+                outcome.as_str(),
+            );
+        }
+        self.ledger.record(outcome);
+        if let Some(metrics) = self.metrics {
+            metrics.settled(self.estimates, held.slot, outcome, self.default_work_ms);
+        }
+    }
 }
 
 /// A one-shot timer for the select loop, remade only when its moment changes: a fresh
@@ -334,23 +378,54 @@ impl Supervised for Worker<'_, '_> {
         }
     }
 
-    /// The deliveries of a dead connection can no longer be settled; the broker requeues them.
+    /// The deliveries of a dead connection can no longer be settled; the broker requeues
+    /// them, and drops those past their deadline or expiration, whose final state is
+    /// therefore recorded here and now.
     fn session_lost(&mut self, reason: &str) {
-        let unstarted = std::iter::from_fn(|| self.tasks.try_pop()).count() as u64;
-        let (unsent, held_undecided) = self.window.abandon();
-        let delayed = self.retry_later.drain(..).count() as u64;
-        let running = held_undecided as u64 - unstarted - delayed;
-        self.ledger.returned += unsent as u64 + unstarted + delayed;
+        let now = now_ms();
+        // Jobs not started, or waiting for their retry: nothing of theirs will complete.
+        let mut idle: HashSet<u64> = std::iter::from_fn(|| self.tasks.try_pop())
+            .map(|task| task.tag)
+            .collect();
+        idle.extend(self.retry_later.drain(..).map(|(_, tag)| tag));
+        let generation = self.generation;
+        let (mut returned, mut running, mut dropped) = (0, 0, Vec::new());
+        let settled_at_loss = &mut self.settled_at_loss;
+        self.window.abandon(|held, decision| {
+            let tag = held.delivery.delivery_tag();
+            let is_running = decision.is_none() && !idle.contains(&tag);
+            if is_running {
+                running += 1;
+            }
+            if past(held.keep_until_ms, now) {
+                let handed_back = decision.unwrap_or(Outcome::Requeued);
+                let outcome = in_time(handed_back, held.keep_until_ms, now);
+                if is_running {
+                    settled_at_loss.insert((generation, tag));
+                }
+                dropped.push((held, outcome));
+            } else if !is_running {
+                returned += 1;
+            }
+        });
+        for (held, outcome) in &dropped {
+            self.record_without_frame(held, *outcome);
+        }
+        self.ledger.returned += returned;
         if let Some(metrics) = &self.env.metrics {
-            metrics.returned(unsent as u64 + unstarted + delayed);
+            metrics.returned(returned);
         }
         self.stale_running += running;
         self.flush_at = None;
         self.link.lost(reason, self.env.notifier, || {
-            format!(
-                "{} unsettled jobs go back to the queue",
-                unsent as u64 + unstarted + running
-            )
+            let mut why = format!("{} unsettled jobs go back to the queue", returned + running);
+            if !dropped.is_empty() {
+                why.push_str(&format!(
+                    "; {} past their deadline or expiration are recorded as RabbitMQ drops them",
+                    dropped.len()
+                ));
+            }
+            why
         });
         if let Some(metrics) = &self.env.metrics {
             metrics.broker(None);
@@ -612,7 +687,11 @@ impl Worker<'_, '_> {
             }
         }
         if self.draining.is_some() || self.paused {
-            self.window.hold(tag, (delivery, slot));
+            let defaults = self.policy.defaults;
+            let keep_until_ms = job::parse(&delivery.properties, now_ms(), tag, defaults)
+                .ok()
+                .and_then(|meta| job::keep_until_ms(&meta, &delivery.properties));
+            self.window.hold(tag, Held::new(delivery, slot, keep_until_ms));
             self.window.decide(tag, Outcome::Requeued);
             return;
         }
@@ -626,7 +705,7 @@ impl Worker<'_, '_> {
             Ok(meta) => meta,
             Err(why) => {
                 self.warn_malformed(&delivery, &why);
-                self.window.hold(tag, (delivery, slot));
+                self.window.hold(tag, Held::new(delivery, slot, None));
                 self.window.decide(tag, Outcome::Malformed);
                 return;
             }
@@ -671,7 +750,9 @@ impl Worker<'_, '_> {
                 let properties = std::mem::take(&mut delivery.properties);
                 delivery.properties = settle::kept_for_settling(&properties);
                 let redelivered = delivery.redelivered;
-                self.window.hold(tag, (delivery, slot));
+                let keep_until_ms = job::keep_until_ms(&meta, &properties);
+                self.window
+                    .hold(tag, Held::new(delivery, slot, keep_until_ms));
                 let task = Task {
                     generation: self.generation,
                     tag,
@@ -692,7 +773,7 @@ impl Worker<'_, '_> {
                     Verdict::Doomed => Outcome::Doomed,
                     _ => Outcome::Skipped,
                 };
-                self.window.hold(tag, (delivery, slot));
+                self.window.hold(tag, Held::new(delivery, slot, None));
                 self.window.decide(tag, outcome);
             }
         }
@@ -700,8 +781,18 @@ impl Worker<'_, '_> {
 
     fn on_completion(&mut self, connected: bool, completion: Completion) {
         if completion.generation != self.generation || !connected {
-            // Its channel is gone; the broker has already put the job back in the queue.
+            // Its channel is gone; the broker has already put the job back in the queue, or
+            // dropped it, and then it was recorded when the connection was lost.
             self.stale_running = self.stale_running.saturating_sub(1);
+            let recorded = self
+                .settled_at_loss
+                .remove(&(completion.generation, completion.tag));
+            if self.stale_running == 0 {
+                self.settled_at_loss.clear();
+            }
+            if recorded {
+                return;
+            }
             self.ledger.returned += 1;
             if let Some(metrics) = &self.env.metrics {
                 metrics.returned(1);
@@ -754,7 +845,7 @@ impl Worker<'_, '_> {
             let earlier = self
                 .window
                 .get(completion.tag)
-                .map_or(0, |(d, _)| delivery_count(&d.properties));
+                .map_or(0, |held| delivery_count(&held.delivery.properties));
             let retries = self.retries.bump(completion.retry_key, earlier);
             if retries > self.policy.max_retries {
                 outcome = Outcome::Failed;
@@ -764,26 +855,40 @@ impl Worker<'_, '_> {
         if outcome != Outcome::Retried {
             self.retries.forget(completion.retry_key);
         }
+        // The retry would come after the job's deadline or expiration: it ends now.
+        let retry_ms = u64::try_from(self.policy.retry_delay.as_millis()).unwrap_or(u64::MAX);
+        let too_late_to_retry = outcome == Outcome::Retried
+            && past(completion.keep_until_ms, now_ms().saturating_add(retry_ms));
+        if too_late_to_retry {
+            outcome = Outcome::Expired;
+            self.retries.forget(completion.retry_key);
+        }
         if let Some(why) = &completion.failure {
             let window = &self.window;
-            let cause = match gave_up {
-                Some(_) => format!("{} (retries used up)", why.cause()),
-                None => why.cause().to_owned(),
+            let cause = match (gave_up, too_late_to_retry) {
+                (Some(_), _) => format!("{} (retries used up)", why.cause()),
+                (None, true) => format!("{} (too late to retry)", why.cause()),
+                (None, false) => why.cause().to_owned(),
             };
             let worked_ms = completion.worked_ms;
             let id = window
                 .get(completion.tag)
-                .and_then(|(d, _)| d.properties.message_id().as_deref())
+                .and_then(|held| held.delivery.properties.message_id().as_deref())
                 .unwrap_or("(no message_id)");
-            self.failure_warnings
-                .warn_about(&cause, id, || match (gave_up, outcome) {
+            self.failure_warnings.warn_about(&cause, id, || {
+                match (gave_up, outcome) {
                     (Some(n), _) => format!("job {id:?} failed: {why}, after {n} retries"),
+                    (None, Outcome::Expired) => format!(
+                        "job {id:?} expired: {why}, but its deadline or expiration comes \
+                         before handler.retry_delay_ms is over"
+                    ),
                     (None, Outcome::Retried) => format!("job {id:?} {why}"),
                     (None, Outcome::TimedOut) => {
                         format!("job {id:?} timed_out: {why} after {worked_ms} ms")
                     }
                     (None, _) => format!("job {id:?} failed: {why}"),
-                });
+                }
+            });
         }
         if outcome == Outcome::Retried && !self.policy.retry_delay.is_zero() {
             // Held back, so the job is not handed straight back to a worker (and a service
@@ -825,12 +930,17 @@ impl Worker<'_, '_> {
         self.flush_at = None;
         let shed_action = self.policy.shed_action;
         let default_work_ms = self.policy.defaults.work_ms;
+        // Every frame passes here: a hand-back that would come too late becomes `expired`.
+        let now = now_ms();
+        self.window
+            .revise(|held, outcome| in_time(outcome, held.keep_until_ms, now));
         let Worker {
             window,
             ledger,
             audit,
             estimates,
             env,
+            handed_back_late,
             ..
         } = self;
         // Both closures below write to the audit trail: lines as jobs settle, and a flush to
@@ -839,26 +949,65 @@ impl Worker<'_, '_> {
         window
             .flush(
                 |outcome| disposition(outcome, shed_action),
-                |(delivery, slot), outcome| {
-                    if let Some(audit) = audit.borrow_mut().as_mut() {
-                        audit.record(
-                            delivery.properties.message_id().as_deref(),
-                            outcome.as_str(),
-                        );
+                |held, outcome| {
+                    if !outcome.is_final() && past(held.keep_until_ms, now) {
+                        *handed_back_late += 1;
                     }
-                    ledger.record(outcome);
-                    if let Some(metrics) = &env.metrics {
-                        metrics.settled(estimates, *slot, outcome, default_work_ms);
-                    }
+                    let mut audit = audit.borrow_mut();
+                    let recorder = Recorder {
+                        ledger: &mut *ledger,
+                        audit: audit.as_deref_mut(),
+                        metrics: env.metrics.as_ref(),
+                        estimates,
+                        default_work_ms,
+                    };
+                    recorder.record(held, outcome);
                 },
-                |(delivery, _), disposition, multiple| {
+                |held, disposition, multiple| {
                     if let Some(audit) = audit.borrow_mut().as_mut() {
                         audit.flush();
                     }
-                    send_frame(consumer, delivery, disposition, multiple)
+                    send_frame(consumer, held.delivery, disposition, multiple)
                 },
             )
             .map_err(|e| format!("settling deliveries: {e}"))
+    }
+
+    /// Records a final state the broker is not told of (its channel is gone, and it drops
+    /// the job): the ledger, the audit trail (flushed at once) and the metrics.
+    fn record_without_frame(&mut self, held: &Held, outcome: Outcome) {
+        let recorder = Recorder {
+            ledger: &mut self.ledger,
+            audit: self.audit.as_mut(),
+            metrics: self.env.metrics.as_ref(),
+            estimates: &self.estimates,
+            default_work_ms: self.policy.defaults.work_ms,
+        };
+        recorder.record(held, outcome);
+        if let Some(audit) = self.audit.as_mut() {
+            audit.flush();
+        }
+    }
+
+    /// Lets go of every delivery still held as the worker stops without waiting for them:
+    /// those past their deadline or expiration are recorded (RabbitMQ drops them when the
+    /// connection closes); returns how many others go back to the queue unsettled.
+    fn let_go(&mut self, now: u64) -> u64 {
+        let mut unsettled = 0;
+        let mut dropped = Vec::new();
+        self.window.abandon(|held, decision| {
+            if past(held.keep_until_ms, now) {
+                let handed_back = decision.unwrap_or(Outcome::Requeued);
+                let outcome = in_time(handed_back, held.keep_until_ms, now);
+                dropped.push((held, outcome));
+            } else {
+                unsettled += 1;
+            }
+        });
+        for (held, outcome) in &dropped {
+            self.record_without_frame(held, *outcome);
+        }
+        unsettled
     }
 
     /// Stops without waiting for running jobs: what is decided is sent, what runs goes back to

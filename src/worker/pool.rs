@@ -51,6 +51,9 @@ pub(super) struct Completion {
     /// Why the handler failed, timed out or asked for a retry, for the consumer thread's
     /// (throttled) warning.
     pub(super) failure: Option<HandlerError>,
+    /// Until when the job may go back to the queue ([`job::keep_until_ms`]), for deciding
+    /// whether a retry can still come in time.
+    pub(super) keep_until_ms: Option<u64>,
 }
 
 pub(super) fn start_pool(
@@ -111,6 +114,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
         slack_ms: None,
         lateness_ms: None,
         failure: None,
+        keep_until_ms: job::keep_until_ms(&task.meta, &task.properties),
     };
     let budgeted = JobMeta {
         work_ms: task.budget_ms,
