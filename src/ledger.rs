@@ -29,7 +29,8 @@ pub enum Outcome {
     TimedOut,
     /// The handler asked to try again later (exit 75, HTTP 429 or 503): back in the queue.
     Retried,
-    /// Handed back to the queue unstarted, on shutdown.
+    /// Handed back to the queue unstarted (on shutdown, a pause, or while an unavailable
+    /// handler holds intake), or by a handler that found its service unavailable.
     Requeued,
 }
 

@@ -382,14 +382,15 @@ fn a_command_that_cannot_run_is_a_config_error() {
 }
 
 #[test]
-fn a_command_gone_at_run_time_fails_the_job_and_the_worker_goes_on() {
+fn a_command_gone_at_run_time_fails_the_job_when_told_to_and_the_worker_goes_on() {
     let mut broker = TestBroker::connect();
     let queue = unique_name("exec-gone");
     broker.owns_queue(&queue);
     let dir = TempDir::new("exec-gone");
     let ok = script(&dir, "ok.sh", "exit 0");
-    let config =
-        exec_config(&queue, &[ok.to_str().expect("utf-8 path")]).write(&dir, "flagshed.toml");
+    let config = exec_config(&queue, &[ok.to_str().expect("utf-8 path")])
+        .set("handler", "when_unavailable", "\"fail\"")
+        .write(&dir, "flagshed.toml");
     let mut worker = start(&config);
     std::fs::remove_file(&ok).expect("remove the handler");
     broker.publish_properties(&queue, job("first"), b"");
@@ -402,6 +403,39 @@ fn a_command_gone_at_run_time_fails_the_job_and_the_worker_goes_on() {
     assert_eq!(ledger.get("failed"), 1, "{ledger:?}");
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
     assert!(worker.log().contains("cannot run"), "{}", worker.log());
+}
+
+#[test]
+fn a_script_whose_interpreter_is_missing_holds_intake_until_it_can_start() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-no-interpreter");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-no-interpreter");
+    // It passes the config check (an executable file) and then cannot be started.
+    let handler = dir.write("handler.sh", "#!/nonexistent/interpreter\nexit 0\n");
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = exec_config(&queue, &[handler.to_str().expect("utf-8 path")])
+        .set("worker", "concurrency", "2")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    for i in 0..10 {
+        broker.publish_properties(&queue, job(&format!("job-{i}")), b"");
+    }
+    let line = worker.wait_for_line("handler unavailable", WAIT);
+    assert!(line.contains("cannot run"), "{line}");
+    let held = worker.wait_for_new_stats(|s| s.get("in_flight") == 0);
+    assert_eq!(held.get("failed"), 0, "{held:?}");
+    assert_eq!(held.text("handler_unavailable"), "1", "{held:?}");
+    // Deployed again, fixed: the probe finds it startable and intake resumes.
+    script(&dir, "handler.sh", "exit 0");
+    worker.wait_for_line("handler answers again", WAIT);
+    worker.wait_for_stats(|s| s.get("done") == 10 && s.get("in_flight") == 0);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 10, "{ledger:?}");
+    assert_eq!(ledger.get("failed"), 0, "{ledger:?}");
+    assert!(ledger.get("requeued") >= 1, "{ledger:?}");
+    assert_eq!(broker.ready_count(&queue), 0);
 }
 
 /// How many failures of `cause` the log accounts for: lines logged one by one, and the

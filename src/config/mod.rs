@@ -255,6 +255,20 @@ pub struct HandlerConfig {
     pub max_retries: u32,
     /// How long a job that asked to be retried is held before it goes back to the queue.
     pub retry_delay: Duration,
+    /// What a job meets when the handler finds its service unavailable.
+    pub when_unavailable: WhenUnavailable,
+}
+
+/// What the worker does when the handler finds its service unavailable (an http service
+/// refusing or resetting connections before any response, an exec program that cannot be
+/// started).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenUnavailable {
+    /// The job goes back to the queue and intake stops until the service answers a probe: a
+    /// restart of the service costs no job.
+    Hold,
+    /// The job ends `failed` at once, as every other failure does.
+    Fail,
 }
 
 /// Which handler, with what it needs.

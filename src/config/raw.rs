@@ -80,6 +80,7 @@ pub(super) struct RawHandler {
     pub(super) max_retries: Option<u64>,
     pub(super) retry_delay_ms: Option<u64>,
     pub(super) connect_timeout_ms: Option<u64>,
+    pub(super) when_unavailable: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

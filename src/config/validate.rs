@@ -688,6 +688,16 @@ impl Checker<'_> {
                 1_000,
                 0..=600_000,
             )?),
+            when_unavailable: match h.when_unavailable.as_deref() {
+                None | Some("hold") => WhenUnavailable::Hold,
+                Some("fail") => WhenUnavailable::Fail,
+                Some(other) => {
+                    return Err(self.invalid(
+                        "handler.when_unavailable",
+                        format!("expected \"hold\" or \"fail\", got {other:?}"),
+                    ));
+                }
+            },
         })
     }
 

@@ -19,7 +19,10 @@
 //! being reused), so no process outlives its job.
 //!
 //! Exit status 0 is success, 75 (EX_TEMPFAIL) asks for a retry, anything else (or a signal)
-//! is a failure.
+//! is a failure. A program that cannot be started at all (missing, not executable, its `#!`
+//! interpreter missing, being replaced) makes the job [`HandlerError::Unavailable`]: nothing
+//! ran, and the worker holds its intake until [`Handler::probe`] finds the program startable
+//! again.
 //!
 //! Every wait is bounded by the job's stop time: the spawn runs on a short-lived thread the
 //! pool thread waits for no longer than that (a child that starts after all is killed at
@@ -32,6 +35,7 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -134,10 +138,12 @@ impl Handler for ExecHandler {
             Ok(child) => child,
             Err(Spawn::TimedOut) => return Err(HandlerError::TimedOut),
             Err(Spawn::Failed(e)) => {
-                return Err(HandlerError::Failed(format!(
-                    "cannot run {}: {e}",
-                    self.program.display()
-                )));
+                let why = format!("cannot run {}: {e}", self.program.display());
+                return Err(if cannot_start(&e) {
+                    HandlerError::Unavailable(why)
+                } else {
+                    HandlerError::Failed(why)
+                });
             }
         };
         let group = child.id() as libc::pid_t;
@@ -166,8 +172,60 @@ impl Handler for ExecHandler {
             signal_group(group, libc::SIGKILL);
         }
     }
+
+    /// Whether the program could be started now, checked without running it: it is an
+    /// executable file, and a `#!` script's interpreter is one too.
+    fn probe(&self) -> Result<(), HandlerError> {
+        startable(&self.program).map_err(|why| {
+            HandlerError::Unavailable(format!("cannot run {}: {why}", self.program.display()))
+        })
+    }
 }
 
+/// Whether a spawn error means the program cannot be started at all (so every job would fail
+/// the same way until it is fixed), rather than something about this job or this moment.
+fn cannot_start(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ETXTBSY | libc::ENOTDIR)
+    )
+}
+
+/// Checks what `execve(2)` would refuse with one of [`cannot_start`]'s errors: the program
+/// and, for a script, its interpreter must be executable files.
+fn startable(program: &std::path::Path) -> Result<(), String> {
+    executable(program)?;
+    let mut head = [0u8; 256];
+    let read = std::fs::File::open(program)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| e.to_string())?;
+    let Some(line) = head[..read].strip_prefix(b"#!") else {
+        return Ok(());
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let interpreter = line
+        .split(|b| b.is_ascii_whitespace())
+        .find(|word| !word.is_empty())
+        .ok_or_else(|| "its #! line names no interpreter".to_owned())?;
+    let interpreter = std::path::Path::new(std::ffi::OsStr::from_bytes(interpreter));
+    executable(interpreter)
+        .map_err(|why| format!("its interpreter {}: {why}", interpreter.display()))
+}
+
+/// `access(2)` with `X_OK` on a regular file.
+fn executable(path: &std::path::Path) -> Result<(), String> {
+    let metadata = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !metadata.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "its path holds a NUL byte".to_owned())?;
+    // SAFETY: access(2) reads a NUL-terminated path we own.
+    if unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } != 0 {
+        return Err(io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
 
 /// Why a child was not started.
 enum Spawn {

@@ -19,12 +19,17 @@
 //! [`SHORT_CONNECT_ATTEMPT`], made again while time is left: its connection attempt ends
 //! within that of the stop time. (Nothing is sent before a connection is made, so trying
 //! again cannot send a job twice.)
+//!
+//! A connection refused or reset before any response, a name that does not resolve, or a
+//! connection attempt that times out before the job's stop time means the service is not
+//! there: the job is [`HandlerError::Unavailable`] (nothing was answered), and
+//! [`Handler::probe`] is a TCP connection attempt to the service's address.
 
 use super::{Handler, HandlerError, Job};
 use crate::clock::now_ms;
 use std::cell::Cell;
 use std::io::{self, Read};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 /// How much of a response body is read (and discarded) so the connection can be reused.
@@ -33,6 +38,10 @@ const RESPONSE_DRAIN_BYTES: u64 = 1024 * 1024;
 /// One connection attempt of a job with less time left than `connect_timeout_ms`: how far
 /// past its stop time such an attempt may end.
 const SHORT_CONNECT_ATTEMPT: Duration = Duration::from_millis(100);
+
+/// Longest wait for one probe's connection attempt, whatever `connect_timeout_ms` says: a
+/// service that takes longer to accept is not ready for jobs.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 thread_local! {
     /// When the connection attempt of the request this pool thread is sending must be over:
@@ -49,6 +58,8 @@ pub struct HttpHandler {
     /// `connect_timeout`.
     short_agent: ureq::Agent,
     connect_timeout: Duration,
+    /// Host and port of `url`, for the probe.
+    service: Option<(String, u16)>,
 }
 
 impl std::fmt::Debug for HttpHandler {
@@ -68,6 +79,12 @@ impl HttpHandler {
                 .max_idle_connections_per_host(pool_threads)
                 .user_agent(concat!("flagshed/", env!("CARGO_PKG_VERSION")))
         };
+        let service = url::Url::parse(&url).ok().and_then(|u| {
+            Some((
+                u.host_str()?.trim_matches(['[', ']']).to_owned(),
+                u.port_or_known_default()?,
+            ))
+        });
         HttpHandler {
             url,
             agent: builder().timeout_connect(connect_timeout).build(),
@@ -75,6 +92,7 @@ impl HttpHandler {
                 .timeout_connect(SHORT_CONNECT_ATTEMPT.min(connect_timeout))
                 .build(),
             connect_timeout,
+            service,
         }
     }
 
@@ -155,6 +173,38 @@ fn io_cause(e: &ureq::Transport) -> Option<&io::Error> {
     std::error::Error::source(e)?.downcast_ref::<io::Error>()
 }
 
+/// Whether a transport error says the service is not there, rather than something about
+/// this request: nothing was answered, and every job would meet the same.
+fn service_absent(e: &ureq::Transport) -> bool {
+    let io_kind = io_cause(e).map(io::Error::kind);
+    match e.kind() {
+        ureq::ErrorKind::Dns => true,
+        ureq::ErrorKind::ConnectionFailed => matches!(
+            io_kind,
+            Some(
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::AddrNotAvailable
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            )
+        ),
+        // A connection the service closed before it answered (a restart drops its
+        // keep-alive connections): reset, aborted, or the stream ending before a status line.
+        ureq::ErrorKind::Io | ureq::ErrorKind::BadStatus => matches!(
+            io_kind,
+            Some(
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            )
+        ),
+        _ => false,
+    }
+}
 
 impl Handler for HttpHandler {
     fn handle(&self, job: &Job<'_>) -> Result<(), HandlerError> {
@@ -238,9 +288,38 @@ impl Handler for HttpHandler {
                 if let Some(source) = std::error::Error::source(&e) {
                     why = format!("{why}: {source}");
                 }
-                Err(HandlerError::Failed(why))
+                if service_absent(&e) {
+                    Err(HandlerError::Unavailable(why))
+                } else {
+                    Err(HandlerError::Failed(why))
+                }
             }
         }
+    }
+
+    /// A TCP connection to the service's address, within `connect_timeout_ms` (at most 2 s).
+    fn probe(&self) -> Result<(), HandlerError> {
+        let Some((host, port)) = &self.service else {
+            return Ok(());
+        };
+        let unavailable =
+            |why: String| HandlerError::Unavailable(format!("Connection Failed: {why}"));
+        let addresses: Vec<SocketAddr> = (host.as_str(), *port)
+            .to_socket_addrs()
+            .map_err(|e| unavailable(e.to_string()))?
+            .collect();
+        let within = self.connect_timeout.min(PROBE_CONNECT_TIMEOUT);
+        let mut last = None;
+        for address in addresses {
+            match TcpStream::connect_timeout(&address, within) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(unavailable(last.map_or_else(
+            || "no address for the service".to_owned(),
+            |e| e.to_string(),
+        )))
     }
 }
 

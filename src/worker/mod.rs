@@ -22,10 +22,17 @@
 //! ([`settle::in_time`]), and acked or rejected as the shed action says when the channel
 //! still lives.
 //!
+//! When the handler says the service it needs is unavailable, the job goes back to the queue
+//! and intake stops as a pause stops it (unless `handler.when_unavailable = "fail"`): the
+//! consumer is cancelled, unstarted jobs go back, running ones finish; the [`probe`] thread
+//! asks the handler with backoff whether the service answers, and intake resumes when it does.
+//!
 //! By thread: this module is the consumer thread's loop; [`pool`] is what the pool threads
-//! run; [`settle`] maps outcomes to acks, rejects and requeues.
+//! run; [`settle`] maps outcomes to acks, rejects and requeues; [`probe`] is the thread that
+//! probes an unavailable handler.
 
 mod pool;
+mod probe;
 mod settle;
 mod tasks;
 
@@ -33,12 +40,12 @@ use crate::ack_window::AckWindow;
 use crate::audit::AuditLog;
 use crate::broker::{self, BrokerError, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
-use crate::config::{Config, ShedAction};
+use crate::config::{Config, ShedAction, WhenUnavailable};
 use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::gate::Gate;
 use crate::handler::estimate::WorkEstimates;
-use crate::handler::Handler;
+use crate::handler::{Handler, HandlerError};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
@@ -51,6 +58,7 @@ use crate::throttle::Throttle;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, bounded, never, select, tick};
 use pool::{Completion, Task, start_pool};
+use probe::Prober;
 use settle::{Held, delivery_count, disposition, in_time, past, send_frame};
 use std::collections::{HashSet, VecDeque};
 use tasks::TaskQueue;
@@ -80,6 +88,8 @@ struct Policy {
     enforce_deadline: bool,
     max_retries: u32,
     retry_delay: Duration,
+    /// Hold intake when the handler is unavailable (else fail the job).
+    hold_when_unavailable: bool,
 }
 
 impl Policy {
@@ -94,6 +104,7 @@ impl Policy {
             enforce_deadline: config.handler.enforce_deadline,
             max_retries: config.handler.max_retries,
             retry_delay: config.handler.retry_delay,
+            hold_when_unavailable: config.handler.when_unavailable == WhenUnavailable::Hold,
         }
     }
 }
@@ -131,6 +142,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         &env.handler,
     )?;
     drop(done_tx);
+    let prober = Prober::start(&env.handler)?;
 
     let audit = config.worker.ledger_file.as_deref().map(AuditLog::open);
     let estimates = WorkEstimates::new(config.worker.estimate, config.worker.max_job_types);
@@ -156,6 +168,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         malformed_warnings: Throttle::new("malformed jobs"),
         failure_warnings: Throttle::new("failed jobs"),
         audit,
+        prober,
+        unavailable: None,
         estimates,
         retries: RetryCounts::new(RETRY_COUNTS_KEPT),
         retry_later: VecDeque::new(),
@@ -242,6 +256,10 @@ struct Worker<'e, 'a> {
     malformed_warnings: Throttle,
     failure_warnings: Throttle,
     audit: Option<AuditLog>,
+    /// Asks an unavailable handler, with backoff, whether it answers again.
+    prober: Prober,
+    /// Since when, and why, the handler is unavailable and intake held.
+    unavailable: Option<(Instant, String)>,
     /// What has been learned of work times, per job type.
     estimates: WorkEstimates,
     retries: RetryCounts,
@@ -250,7 +268,8 @@ struct Worker<'e, 'a> {
     retry_later: VecDeque<(Instant, u64)>,
     /// How many pool threads run jobs at once (the concurrency lever).
     gate: Arc<Gate>,
-    /// Whether the pause lever has stopped this consumer; deliveries still arriving go back.
+    /// Whether intake is stopped (by the pause lever, or because the handler is unavailable)
+    /// and the consumer cancelled; deliveries still arriving go back.
     paused: bool,
     /// Uses of each skip-rate evaluation, one per job decided, for LaunchDarkly's events.
     skip_uses: Tally,
@@ -459,6 +478,7 @@ impl Worker<'_, '_> {
         let done_rx = self.done_rx.clone();
         let signals = self.env.signals.clone();
         let levers = self.env.flags.levers_changed().clone();
+        let answers = self.prober.answers().clone();
         let (mut grace_timer, mut flush_timer, mut retry_timer) =
             (Timer::default(), Timer::default(), Timer::default());
         let tally_tick = self.tally_tick.clone();
@@ -551,6 +571,7 @@ impl Worker<'_, '_> {
                     }
                 }
                 recv(tally_tick) -> _ => self.hand_over_tally(),
+                recv(answers) -> _ => self.handler_answers(),
             }
             if let Some(end) = self.after_event(consumer) {
                 return end;
@@ -597,6 +618,12 @@ impl Worker<'_, '_> {
     /// After every event: send what is due to the broker, and end the pass when a drain is
     /// complete or a pause is lifted.
     fn after_event(&mut self, consumer: Option<&Consumer<'_>>) -> Option<PassEnd> {
+        if self.unavailable.is_some() && !self.paused && self.draining.is_none() {
+            // The handler just became unavailable: intake stops as a pause stops it.
+            if let Some(end) = self.apply_levers(consumer) {
+                return Some(end);
+            }
+        }
         if let Some(consumer) = consumer {
             if let Err(reason) = self.maybe_flush(consumer) {
                 return Some(SessionEnd::Lost(reason).into());
@@ -608,6 +635,7 @@ impl Worker<'_, '_> {
         if self.paused
             && self.cancelled
             && self.draining.is_none()
+            && self.unavailable.is_none()
             && !self.env.values.paused().unwrap_or(false)
         {
             return Some(PassEnd::Resume);
@@ -616,8 +644,9 @@ impl Worker<'_, '_> {
     }
 
     /// Applies the lever flags: the pool's concurrency, and pausing (cancel the consumer,
-    /// hand unstarted jobs back, let running ones finish and be acked). Lifting a pause is
-    /// done by the loop once the broker has confirmed the cancel.
+    /// hand unstarted jobs back, let running ones finish and be acked), which an unavailable
+    /// handler asks for too. Lifting a pause is done by the loop once the broker has
+    /// confirmed the cancel.
     fn apply_levers(&mut self, consumer: Option<&Consumer<'_>>) -> Option<PassEnd> {
         let limit = self
             .env
@@ -629,13 +658,16 @@ impl Worker<'_, '_> {
             self.gate.set_limit(limit);
         }
         let consumer = consumer?;
-        if self.env.values.paused() == Some(true) && !self.paused && self.draining.is_none() {
+        let lever = self.env.values.paused() == Some(true);
+        if (lever || self.unavailable.is_some()) && !self.paused && self.draining.is_none() {
             self.paused = true;
-            log::info!(
-                "paused by flag: taking no new jobs; {} held jobs are finished or handed back",
-                self.window.held()
-            );
-            self.env.notifier.status("paused by flag");
+            if lever {
+                log::info!(
+                    "paused by flag: taking no new jobs; {} held jobs are finished or handed back",
+                    self.window.held()
+                );
+                self.env.notifier.status("paused by flag");
+            }
             if let Err(e) = consumer.cancel() {
                 return Some(SessionEnd::Lost(format!("cancelling the consumer: {e}")).into());
             }
@@ -855,6 +887,13 @@ impl Worker<'_, '_> {
         if outcome != Outcome::Retried {
             self.retries.forget(completion.retry_key);
         }
+        if let Some(HandlerError::Unavailable(why)) = &completion.failure {
+            if !self.policy.hold_when_unavailable {
+                outcome = Outcome::Failed;
+            } else if self.unavailable.is_none() && self.draining.is_none() {
+                self.hold_intake(why);
+            }
+        }
         // The retry would come after the job's deadline or expiration: it ends now.
         let retry_ms = u64::try_from(self.policy.retry_delay.as_millis()).unwrap_or(u64::MAX);
         let too_late_to_retry = outcome == Outcome::Retried
@@ -863,7 +902,7 @@ impl Worker<'_, '_> {
             outcome = Outcome::Expired;
             self.retries.forget(completion.retry_key);
         }
-        if let Some(why) = &completion.failure {
+        if let Some(why) = completion.failure.as_ref().filter(|_| outcome != Outcome::Requeued) {
             let window = &self.window;
             let cause = match (gave_up, too_late_to_retry) {
                 (Some(_), _) => format!("{} (retries used up)", why.cause()),
@@ -900,6 +939,38 @@ impl Worker<'_, '_> {
         if !self.window.decide(completion.tag, outcome) {
             // Only possible if a tag were decided twice: a bug, never input.
             log::error!("completion for unknown delivery tag {}", completion.tag);
+        }
+    }
+
+    /// The handler said the service it needs is unavailable: intake stops (the consumer is
+    /// cancelled after this event, as a pause does) and the probe thread starts asking.
+    fn hold_intake(&mut self, why: &str) {
+        log::warn!(
+            "handler unavailable ({why}): taking no new jobs until it answers; unstarted jobs \
+             go back to the queue, running ones finish (handler.when_unavailable)"
+        );
+        self.env
+            .notifier
+            .status("holding intake: the handler is unavailable");
+        self.unavailable = Some((Instant::now(), why.to_owned()));
+        self.prober.probe();
+        if let Some(metrics) = &self.env.metrics {
+            metrics.handler_unavailable(true);
+        }
+    }
+
+    /// The probe found the handler's service answering: intake resumes once the broker has
+    /// confirmed the cancel (and unless the pause lever holds it).
+    fn handler_answers(&mut self) {
+        let Some((since, _)) = self.unavailable.take() else {
+            return;
+        };
+        log::warn!(
+            "handler answers again after {:.1} s: taking jobs again",
+            since.elapsed().as_secs_f64()
+        );
+        if let Some(metrics) = &self.env.metrics {
+            metrics.handler_unavailable(false);
         }
     }
 
@@ -1115,8 +1186,9 @@ impl Worker<'_, '_> {
             line.push_str(&format!(" skip_rate_by_type={}", own.join(",")));
         }
         line.push_str(&format!(
-            " paused={} concurrency={} deadline_aware={}",
+            " paused={} handler_unavailable={} concurrency={} deadline_aware={}",
             u8::from(self.paused),
+            u8::from(self.unavailable.is_some()),
             self.gate.limit(),
             u8::from(
                 self.env

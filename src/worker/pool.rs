@@ -48,8 +48,8 @@ pub(super) struct Completion {
     pub(super) slack_ms: Option<u64>,
     /// Finish minus deadline, for jobs that finished late.
     pub(super) lateness_ms: Option<u64>,
-    /// Why the handler failed, timed out or asked for a retry, for the consumer thread's
-    /// (throttled) warning.
+    /// Why the handler failed, timed out, asked for a retry or found its service
+    /// unavailable, for the consumer thread's (throttled) warning and its hold of intake.
     pub(super) failure: Option<HandlerError>,
     /// Until when the job may go back to the queue ([`job::keep_until_ms`]), for deciding
     /// whether a retry can still come in time.
@@ -153,6 +153,14 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
                 Err(e @ HandlerError::TimedOut) => {
                     completion.failure = Some(e);
                     Outcome::TimedOut
+                }
+                Err(e @ HandlerError::Unavailable(_)) => {
+                    // Nothing ran: the job goes back (or fails, as the consumer thread's
+                    // policy says), and counts as no work and no wait.
+                    completion.failure = Some(e);
+                    completion.worked_ms = 0;
+                    completion.wait_ms = None;
+                    Outcome::Requeued
                 }
                 Err(e @ HandlerError::Retry(_)) => {
                     completion.failure = Some(e);
@@ -293,6 +301,23 @@ mod tests {
             completion.failure.map(|e| e.to_string()).as_deref(),
             Some("downstream refused")
         );
+    }
+
+    #[test]
+    fn an_unavailable_service_hands_the_job_back_as_not_run() {
+        struct Down;
+        impl Handler for Down {
+            fn handle(&self, _: &Job<'_>) -> Result<(), HandlerError> {
+                Err(HandlerError::Unavailable("Connection Failed: refused".into()))
+            }
+        }
+        let completion = run_task(&task(Some(60_000), 0), &Down);
+        assert_eq!(completion.outcome, Outcome::Requeued);
+        assert_eq!(completion.wait_ms, None, "not counted as run");
+        assert!(matches!(
+            completion.failure,
+            Some(HandlerError::Unavailable(_))
+        ));
     }
 
     #[test]

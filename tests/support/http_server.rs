@@ -48,26 +48,41 @@ impl Reply {
 
 type Responder = dyn Fn(&Request) -> Reply + Send + Sync;
 
-/// A server on a free loopback port, stopped when dropped.
+/// A server on a loopback port, stopped when dropped: it stops listening and closes every
+/// connection it accepted, as a service that exits does.
 pub struct HttpServer {
     port: u16,
     requests: Arc<Mutex<Vec<Request>>>,
     connections: Arc<AtomicUsize>,
     stopped: Arc<AtomicBool>,
+    /// Every connection accepted, to close them all at drop.
+    open: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl HttpServer {
+    /// A server on a free port.
     pub fn start(reply: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> HttpServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        HttpServer::start_on(0, reply)
+    }
+
+    /// A server on `port` (0: a free one), e.g. the port of a server stopped earlier, as a
+    /// restarted service comes back on its address.
+    pub fn start_on(
+        port: u16,
+        reply: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> HttpServer {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind a loopback port");
         let port = listener.local_addr().expect("local address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let stopped = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
         let reply: Arc<Responder> = Arc::new(reply);
-        let (seen, count, stop) = (
+        let (seen, count, stop, accepted) = (
             Arc::clone(&requests),
             Arc::clone(&connections),
             Arc::clone(&stopped),
+            Arc::clone(&open),
         );
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -76,6 +91,9 @@ impl HttpServer {
                 }
                 let Ok(stream) = stream else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
+                if let Ok(copy) = stream.try_clone() {
+                    accepted.lock().expect("connections lock").push(copy);
+                }
                 let (seen, reply) = (Arc::clone(&seen), Arc::clone(&reply));
                 std::thread::spawn(move || serve(stream, &seen, reply.as_ref()));
             }
@@ -85,7 +103,12 @@ impl HttpServer {
             requests,
             connections,
             stopped,
+            open,
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -107,6 +130,9 @@ impl Drop for HttpServer {
         self.stopped.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
+        for connection in self.open.lock().expect("connections lock").drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
