@@ -24,15 +24,16 @@
 //!
 //! When the handler says the service it needs is unavailable, the job goes back to the queue
 //! and intake stops as a pause stops it (unless `handler.when_unavailable = "fail"`): the
-//! consumer is cancelled, unstarted jobs go back, running ones finish; the [`probe`] thread
-//! asks the handler with backoff whether the service answers, and intake resumes when it does.
+//! consumer is cancelled, unstarted jobs go back, running ones finish; the [`handler_probe`]
+//! thread asks the handler with backoff whether the service answers, and intake resumes when
+//! it does.
 //!
 //! By thread: this module is the consumer thread's loop; [`pool`] is what the pool threads
-//! run; [`settle`] maps outcomes to acks, rejects and requeues; [`probe`] is the thread that
-//! probes an unavailable handler.
+//! run; [`settle`] maps outcomes to acks, rejects and requeues; [`handler_probe`] is the
+//! thread that probes an unavailable handler.
 
 mod pool;
-mod probe;
+mod handler_probe;
 mod settle;
 mod tasks;
 
@@ -58,7 +59,7 @@ use crate::throttle::Throttle;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, bounded, never, select, tick};
 use pool::{Completion, Task, start_pool};
-use probe::Prober;
+use handler_probe::HandlerProbe;
 use settle::{Held, delivery_count, disposition, in_time, past, send_frame};
 use std::collections::{HashSet, VecDeque};
 use tasks::TaskQueue;
@@ -142,7 +143,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         &env.handler,
     )?;
     drop(done_tx);
-    let prober = Prober::start(&env.handler)?;
+    let handler_probe = HandlerProbe::start(&env.handler)?;
 
     let audit = config.worker.ledger_file.as_deref().map(AuditLog::open);
     let estimates = WorkEstimates::new(config.worker.estimate, config.worker.max_job_types);
@@ -168,7 +169,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         malformed_warnings: Throttle::new("malformed jobs"),
         failure_warnings: Throttle::new("failed jobs"),
         audit,
-        prober,
+        handler_probe,
         unavailable: None,
         estimates,
         retries: RetryCounts::new(RETRY_COUNTS_KEPT),
@@ -257,7 +258,7 @@ struct Worker<'e, 'a> {
     failure_warnings: Throttle,
     audit: Option<AuditLog>,
     /// Asks an unavailable handler, with backoff, whether it answers again.
-    prober: Prober,
+    handler_probe: HandlerProbe,
     /// Since when, and why, the handler is unavailable and intake held.
     unavailable: Option<(Instant, String)>,
     /// What has been learned of work times, per job type.
@@ -478,7 +479,7 @@ impl Worker<'_, '_> {
         let done_rx = self.done_rx.clone();
         let signals = self.env.signals.clone();
         let levers = self.env.flags.levers_changed().clone();
-        let answers = self.prober.answers().clone();
+        let answers = self.handler_probe.answers().clone();
         let (mut grace_timer, mut flush_timer, mut retry_timer) =
             (Timer::default(), Timer::default(), Timer::default());
         let tally_tick = self.tally_tick.clone();
@@ -953,7 +954,7 @@ impl Worker<'_, '_> {
             .notifier
             .status("holding intake: the handler is unavailable");
         self.unavailable = Some((Instant::now(), why.to_owned()));
-        self.prober.probe();
+        self.handler_probe.probe();
         if let Some(metrics) = &self.env.metrics {
             metrics.handler_unavailable(true);
         }

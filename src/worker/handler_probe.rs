@@ -1,8 +1,8 @@
-//! The probe thread: while intake is held because the handler found its service unavailable,
-//! it asks the handler ([`Handler::probe`]) with backoff whether the service answers, and
-//! tells the consumer thread when it does. The consumer thread never waits on a probe, and a
-//! service that never comes back costs one probe per backoff period (at most every 5 s), not
-//! a busy loop.
+//! The handler probe thread (not to be confused with the work estimates' probe jobs): while
+//! intake is held because the handler found its service unavailable, it asks the handler
+//! ([`Handler::probe`]) with backoff whether the service answers, and tells the consumer
+//! thread when it does. The consumer thread never waits on a probe, and a service that never
+//! comes back costs one probe per backoff period (at most every 5 s), not a busy loop.
 //!
 //! The schedule carries over from one hold to the next unless the service stayed available
 //! for [`RESET_AFTER`]: a service that accepts connections but fails every job is probed
@@ -23,14 +23,14 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 const RESET_AFTER: Duration = Duration::from_secs(30);
 
 /// The consumer thread's side of the probe thread, which ends when this is dropped.
-pub(super) struct Prober {
+pub(super) struct HandlerProbe {
     start: Sender<()>,
     answers: Receiver<()>,
 }
 
-impl Prober {
+impl HandlerProbe {
     /// Starts the probe thread for `handler`; it sleeps until asked to probe.
-    pub(super) fn start(handler: &Arc<dyn Handler>) -> Result<Prober, DaemonError> {
+    pub(super) fn start(handler: &Arc<dyn Handler>) -> Result<HandlerProbe, DaemonError> {
         let (start, requests) = bounded(1);
         let (answered, answers) = bounded(1);
         let handler = Arc::clone(handler);
@@ -41,10 +41,10 @@ impl Prober {
                 what: "starting the handler probe thread",
                 source: e,
             })?;
-        Ok(Prober { start, answers })
+        Ok(HandlerProbe { start, answers })
     }
 
-    /// Starts probing (if it is not already); [`Prober::answers`] receives once the handler
+    /// Starts probing (if it is not already); [`HandlerProbe::answers`] receives once the handler
     /// answers.
     pub(super) fn probe(&self) {
         // Full: a request is already waiting, which is as good.
@@ -118,20 +118,20 @@ mod tests {
             probes: AtomicUsize::new(0),
         });
         let handler: Arc<dyn Handler> = flaky.clone();
-        let prober = Prober::start(&handler).expect("probe thread");
+        let probe = HandlerProbe::start(&handler).expect("probe thread");
         assert!(
-            prober
+            probe
                 .answers()
                 .recv_timeout(Duration::from_millis(300))
                 .is_err(),
             "no answer before anyone asked"
         );
         assert_eq!(flaky.probes.load(Ordering::SeqCst), 0, "idle until asked");
-        prober.probe();
+        probe.probe();
         // Three failed probes (about 100, 200 and 400 ms apart, less jitter), then it is up.
         while flaky.probes.load(Ordering::SeqCst) < 3 {
             assert!(
-                prober
+                probe
                     .answers()
                     .recv_timeout(Duration::from_millis(20))
                     .is_err(),
@@ -139,13 +139,13 @@ mod tests {
             );
         }
         flaky.up.store(true, Ordering::SeqCst);
-        prober
+        probe
             .answers()
             .recv_timeout(Duration::from_secs(30))
             .expect("answered once up");
         let probes = flaky.probes.load(Ordering::SeqCst);
         assert!(
-            prober
+            probe
                 .answers()
                 .recv_timeout(Duration::from_millis(300))
                 .is_err(),
