@@ -19,7 +19,7 @@
 
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
 use flagshed::flags::{FlagValues, Tally};
-use flagshed::handler::estimate::{EstimateSettings, WorkEstimates};
+use flagshed::handler::estimate::WorkEstimates;
 use flagshed::job::{self, JobDefaults, JobMeta};
 use flagshed::shed::{self, Verdict};
 use std::hint::black_box;
@@ -131,14 +131,7 @@ fn main() {
     // Four types, three with a skip rate of their own (as a rule on the job context gives).
     let typed = FlagValues::with_job_types(30.0, 1.0, 33);
     let type_names = ["thumbnail", "payment", "report", "email"];
-    let mut estimates = WorkEstimates::new(
-        EstimateSettings {
-            quantile: 0.99,
-            half_life_jobs: 100,
-            min_jobs: 20,
-        },
-        32,
-    );
+    let mut estimates = WorkEstimates::new(flagshed::handler::estimate::DEFAULT_SETTINGS, 32);
     for (n, name) in type_names.iter().enumerate().take(3) {
         let slot = estimates.slot(name);
         typed.set_type_skip_rate(slot.index(), Some((n as u32 + 1, 10.0 * n as f64)));

@@ -19,7 +19,7 @@
 //! `cargo bench --bench metrics_cost [-- --quick]`.
 
 use flagshed::flags::FlagValues;
-use flagshed::handler::estimate::{EstimateSettings, WorkEstimates};
+use flagshed::handler::estimate::WorkEstimates;
 use flagshed::ledger::{Outcome, WorkerLedger};
 use flagshed::metrics::WorkerMetrics;
 use std::hint::black_box;
@@ -103,11 +103,7 @@ struct Books {
 
 impl Books {
     fn new(metrics: bool) -> Books {
-        let settings = EstimateSettings {
-            quantile: 0.99,
-            half_life_jobs: 100,
-            min_jobs: 20,
-        };
+        let settings = flagshed::handler::estimate::DEFAULT_SETTINGS;
         Books {
             ledger: WorkerLedger::default(),
             estimates: WorkEstimates::new(settings, 32),

@@ -9,7 +9,10 @@ use crate::config::{FlagsConfig, LaunchDarklyConfig};
 use crate::flags::evaluate::{self, Outcome, describe, evaluate_flag};
 use crate::flags::file::{self, FlagFileError};
 use crate::flags::store::{AllData, DataEvent, FlagStore};
-use crate::flags::{FALLBACK_EVALUATION, FlagValues, Lever, Origin, SourceState, Watched};
+use crate::flags::{
+    FALLBACK_EVALUATION, FlagValues, Lever, Origin, SourceState, Watched, objective_lever_value,
+};
+use crate::handler::estimate::Objective;
 use crate::launchdarkly::events::{Evaluation, EventProcessor, EventSettings};
 use crate::launchdarkly::{self, LdMessage};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, never, select, unbounded};
@@ -37,10 +40,12 @@ pub struct SourceSettings {
     /// The job queue's name: a context attribute rules can target.
     pub queue: String,
     /// The worker's configured concurrency and ceiling (the concurrency lever's default and
-    /// range) and whether it drops doomed jobs (the deadline-aware lever's default).
+    /// range), whether it drops doomed jobs (the deadline-aware lever's default) and its
+    /// shedding objective (the objective lever's default).
     pub concurrency: usize,
     pub max_concurrency: usize,
     pub drop_doomed: bool,
+    pub shed_objective: Objective,
 }
 
 enum Control {
@@ -564,6 +569,7 @@ impl SourceThread {
                 Lever::Pause => &flags.pause_key,
                 Lever::Concurrency => &flags.concurrency_key,
                 Lever::DeadlineAware => &flags.deadline_aware_key,
+                Lever::ShedObjective => &flags.shed_objective_key,
             };
             let value = match key {
                 Some(key) => self.evaluate_lever(lever, key, service.as_ref()),
@@ -656,6 +662,15 @@ impl SourceThread {
                 Some(b) => Ok(Some(u32::from(b))),
                 None => Err(format!("value {} is not a boolean", describe(v))),
             },
+            (Outcome::Value(v), Lever::ShedObjective) => {
+                match v.as_string().as_deref().and_then(Objective::parse) {
+                    Some(objective) => Ok(Some(objective_lever_value(objective))),
+                    None => Err(format!(
+                        "value {} is not \"fewest_stopped\" or \"most_on_time\"",
+                        describe(v)
+                    )),
+                }
+            }
             (Outcome::Value(v), Lever::Concurrency) => match v.as_float() {
                 Some(n) if n.fract() == 0.0 && (1.0..=max).contains(&n) => Ok(Some(n as u32)),
                 Some(n) => Err(format!(
@@ -668,6 +683,7 @@ impl SourceThread {
             Lever::Concurrency => FlagValue::Number(self.settings.concurrency as f64),
             Lever::Pause => FlagValue::Bool(false),
             Lever::DeadlineAware => FlagValue::Bool(self.settings.drop_doomed),
+            Lever::ShedObjective => FlagValue::Str(self.settings.shed_objective.as_str().into()),
         };
         match result {
             Ok(value) => {
@@ -861,6 +877,7 @@ fn lever_value(values: &FlagValues, lever: Lever) -> Option<u32> {
         Lever::Pause => values.paused().map(u32::from),
         Lever::Concurrency => values.concurrency(),
         Lever::DeadlineAware => values.deadline_aware().map(u32::from),
+        Lever::ShedObjective => values.shed_objective().map(objective_lever_value),
     }
 }
 
@@ -868,6 +885,14 @@ fn show_lever(lever: Lever, value: u32) -> String {
     match lever {
         Lever::Concurrency => value.to_string(),
         Lever::Pause | Lever::DeadlineAware => (value != 0).to_string(),
+        Lever::ShedObjective => {
+            let objective = if value == objective_lever_value(Objective::MostOnTime) {
+                Objective::MostOnTime
+            } else {
+                Objective::FewestStopped
+            };
+            objective.as_str().to_owned()
+        }
     }
 }
 

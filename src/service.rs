@@ -102,6 +102,7 @@ pub fn source_settings(config: &Config, role: Role) -> SourceSettings {
         concurrency: config.worker.concurrency,
         max_concurrency: config.worker.max_concurrency,
         drop_doomed: config.worker.drop_doomed,
+        shed_objective: config.worker.estimate.objective,
     }
 }
 

@@ -652,3 +652,120 @@ exec sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))""#,
     ledger.assert_balanced();
     assert_eq!(ledger.get("done"), 48, "{ledger:?}");
 }
+
+/// The sleeper script and a worker config that runs it, learning work times quickly.
+fn sleeper_worker(dir: &TempDir, queue: &str) -> TestConfig {
+    let sleeper = script(
+        dir,
+        "sleep-ms.sh",
+        r#"read ms
+exec sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))""#,
+    );
+    exec_config(queue, &[sleeper.to_str().expect("utf-8 path")])
+        .set("worker", "concurrency", "2")
+        .set("worker", "default_work_ms", "100")
+        .set("worker", "estimate_min_jobs", "5")
+}
+
+/// A job of `job_type` that sleeps `work_ms` and is due `ttl_ms` after now.
+fn sleep_job(id: &str, job_type: &str, ttl_ms: u64) -> AmqpProperties {
+    job_due(id, ttl_ms).with_type_(job_type.into())
+}
+
+#[test]
+fn one_job_stopped_at_its_deadline_does_not_shut_its_type_out() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-censored");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-censored");
+    let config = sleeper_worker(&dir, &queue).write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    // Jobs of 20 to 45 ms, in rounds of 20, each due 2 s after it is published.
+    let mut published = 0;
+    let mut publish_quick = |rounds: usize| {
+        for _ in 0..rounds {
+            for _ in 0..20 {
+                let ms = 20 + (published * 7) % 25;
+                let properties = sleep_job(&format!("quick-{published}"), "resize", 2_000);
+                broker.publish_properties(&queue, properties, ms.to_string().as_bytes());
+                published += 1;
+            }
+            worker.wait_settled(published as u64);
+        }
+    };
+    publish_quick(3);
+    // One that would take 5 s, stopped at its deadline after 1.5 s. All it shows is that it
+    // needed more than 1.5 s: counted as twice that, it would put the estimate past the 2 s
+    // deadline, and every later job would be doomed.
+    broker.publish_properties(&queue, sleep_job("slow", "resize", 1_500), b"5000");
+    let stats = worker.wait_for_stats(|s| s.get("timed_out") == 1 && s.get("in_flight") == 0);
+    let estimate = estimate_ms(&stats, "resize").expect("resize estimated");
+    assert!(
+        estimate < 2_000,
+        "one stopped job pushed the estimate past the deadline, to {estimate} ms: {stats:?}"
+    );
+    // The jobs after it still run, none doomed.
+    publish_quick(1);
+    let stats = worker.wait_settled(81);
+    let estimate = estimate_ms(&stats, "resize").expect("resize estimated");
+    assert!(estimate < 2_000, "estimate {estimate} ms: {stats:?}");
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 80, "{ledger:?}");
+    assert_eq!(ledger.get("timed_out"), 1, "{ledger:?}");
+    assert_eq!(ledger.get("doomed"), 0, "{ledger:?}");
+}
+
+#[test]
+fn a_type_shut_out_by_a_slow_spell_runs_again_soon_after_the_work_is_quick() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-shut-out");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-shut-out");
+    let config = sleeper_worker(&dir, &queue).write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    // A steady 20 jobs/s due 1.5 s after creation, whose work the test switches.
+    let work_ms = Arc::new(AtomicU64::new(3_000));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (work_ms, stop, queue) = (Arc::clone(&work_ms), Arc::clone(&stop), queue.clone());
+        std::thread::spawn(move || {
+            let broker = TestBroker::connect();
+            let mut published = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let ms = work_ms.load(Ordering::Relaxed);
+                let properties = sleep_job(&format!("job-{published}"), "render", 1_500);
+                broker.publish_properties(&queue, properties, ms.to_string().as_bytes());
+                published += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            published
+        })
+    };
+    // Every job needs 3 s: each is stopped at its deadline until the estimate, which counts
+    // them as "longer than they ran", dooms them all, and only probes run.
+    worker.wait_for_line("is shut out by its work estimate", WAIT);
+    let shut_out = worker.wait_for_stats(|s| s.text("shut_out") == "render");
+    assert!(shut_out.get("doomed") > 0, "{shut_out:?}");
+    let from = worker.line_count();
+    let quick_since = Instant::now();
+    work_ms.store(100, Ordering::Relaxed);
+    let (_, line) = worker.wait_for_line_from(from, "runs jobs again", WAIT);
+    let back_after = quick_since.elapsed();
+    assert!(
+        back_after <= Duration::from_secs(10),
+        "back after {back_after:?}: {line}"
+    );
+    // And it does run them: more jobs done, in time.
+    let before = worker.wait_for_new_stats(|_| true).get("done");
+    worker.wait_for_new_stats(|s| s.get("done") >= before + 20);
+    stop.store(true, Ordering::Relaxed);
+    let published = publisher.join().expect("publisher");
+    let ledger = worker.wait_settled(published);
+    assert_eq!(ledger.get("received"), published, "{ledger:?}");
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+}

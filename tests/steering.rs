@@ -1,7 +1,8 @@
 //! Steering a running worker from LaunchDarkly (a fake speaking its protocol) on the real
 //! broker: a rule on the job type sheds one kind of job and not another, every skip decision
-//! shows up in the analytics events, and the pause, concurrency and deadline-aware flags change
-//! what the worker does while it runs, with every job accounted for.
+//! shows up in the analytics events, and the pause, concurrency, deadline-aware and
+//! shed-objective flags change what the worker does while it runs, with every job accounted
+//! for.
 
 mod support;
 
@@ -444,5 +445,85 @@ fn turning_deadline_aware_shedding_off_lets_doomed_jobs_run() {
     }
     let stats = worker.wait_for_stats(|s| s.get("late") == 3 && s.get("in_flight") == 0);
     assert_eq!(stats.get("doomed"), 3, "{stats:?}");
+    worker.stop().assert_balanced();
+}
+
+fn string_flag(key: &str, version: u64, value: &str) -> Value {
+    json!({
+        "key": key, "version": version, "on": true,
+        "variations": [value], "offVariation": 0, "fallthrough": {"variation": 0},
+        "targets": [], "contextTargets": [], "rules": [], "prerequisites": [],
+        "salt": format!("{key}-salt"), "trackEvents": false, "deleted": false
+    })
+}
+
+/// The `work_estimate_ms` entry for `job_type` in a stats line.
+fn estimate_ms(stats: &support::daemon::Ledger, job_type: &str) -> Option<u64> {
+    stats
+        .text("work_estimate_ms")
+        .split(',')
+        .filter_map(|entry| entry.split_once(':'))
+        .find(|(name, _)| *name == job_type)
+        .and_then(|(_, ms)| ms.parse().ok())
+}
+
+#[test]
+fn the_shed_objective_flag_switches_the_budget_of_learned_work_live() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("shed-objective");
+    broker.owns_queue(&queue);
+    let fake = FakeLd::start();
+    fake.set_flag(string_flag("shed-objective", 1, "fewest_stopped"));
+    let dir = TempDir::new("shed-objective");
+    let sleeper = dir.write(
+        "sleep-ms.sh",
+        "#!/bin/sh\nread ms\nexec sleep \"$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))\"\n",
+    );
+    std::fs::set_permissions(&sleeper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = config(&queue, &fake, &dir)
+        .set("flags", "shed_objective_key", "\"shed-objective\"")
+        .set("handler", "kind", "\"exec\"")
+        .set(
+            "handler",
+            "command",
+            &format!("[{}]", toml_str(&sleeper.display().to_string())),
+        )
+        .set("worker", "concurrency", "4")
+        .set("worker", "estimate_min_jobs", "5")
+        .write(&dir, "flagshed.toml");
+    let mut worker = Daemon::start(Bin::Worker, &config);
+    worker.wait_for_line("consuming from queue", WAIT);
+    worker.wait_for_stats(|s| s.text("shed_objective") == "fewest_stopped");
+    // Bimodal work with no deadline: nine in ten take 50 ms, one in ten 600 ms.
+    for i in 0..40 {
+        let ms = if i % 10 == 9 { 600 } else { 50 };
+        let properties = amiquip::AmqpProperties::default()
+            .with_message_id(format!("job-{i}"))
+            .with_type_("mix".into());
+        broker.publish_properties(&queue, properties, ms.to_string().as_bytes());
+    }
+    let stats = worker.wait_settled(40);
+    let fewest_stopped = estimate_ms(&stats, "mix").expect("mix estimated");
+    assert!(fewest_stopped >= 600, "{stats:?}");
+
+    // Most on time: 50 ms finishes nine jobs in 0.45 s of work; 600 ms, ten in 1.05 s.
+    fake.push_patch_flag(string_flag("shed-objective", 2, "most_on_time"));
+    let stats = worker.wait_for_stats(|s| s.text("shed_objective") == "most_on_time");
+    let most_on_time = estimate_ms(&stats, "mix").expect("mix estimated");
+    assert!((50..100).contains(&most_on_time), "{stats:?}");
+
+    // A value of neither kind is warned about, and the config's objective holds.
+    fake.push_patch_flag(string_flag("shed-objective", 3, "fastest"));
+    let (warned_at, _) =
+        worker.wait_for_line_from(0, "is not \"fewest_stopped\" or \"most_on_time\"", WAIT);
+    let (_, stats) =
+        worker.wait_for_stats_from(warned_at, |s| s.text("shed_objective") == "fewest_stopped");
+    assert_eq!(
+        estimate_ms(&stats, "mix"),
+        Some(fewest_stopped),
+        "{stats:?}"
+    );
     worker.stop().assert_balanced();
 }

@@ -95,6 +95,70 @@ pub fn close(connection: Connection, channel: Channel) {
 /// How long the publisher waits for the last confirms before counting them as missing.
 const CONFIRM_WAIT: Duration = Duration::from_secs(30);
 
+/// What each job's work, in ms, is drawn from.
+#[derive(Clone, Copy, Debug)]
+pub enum Mix {
+    /// One lognormal throughout.
+    LogNormal(LogNormal),
+    /// `long_share` of the jobs take `long_ms`, the rest `short_ms`.
+    Bimodal {
+        short_ms: f64,
+        long_ms: f64,
+        long_share: f64,
+    },
+    /// Half the jobs of type `short`, half of type `long`, each lognormal.
+    TwoTypes { short: LogNormal, long: LogNormal },
+    /// `base`, its work multiplied by `factor` from `from` until `until` after the start.
+    Drift {
+        base: LogNormal,
+        factor: f64,
+        from: Duration,
+        until: Duration,
+    },
+}
+
+impl Mix {
+    /// The work of a job published `secs` after the start, and its type when the mix names
+    /// one.
+    pub fn draw(&self, secs: f64, rng: &mut Rng) -> (f64, Option<&'static str>) {
+        match *self {
+            Mix::LogNormal(work) => (work.sample(rng), None),
+            Mix::Bimodal {
+                short_ms,
+                long_ms,
+                long_share,
+            } => {
+                let ms = if rng.unit() < long_share {
+                    long_ms
+                } else {
+                    short_ms
+                };
+                (ms, None)
+            }
+            Mix::TwoTypes { short, long } => {
+                if rng.unit() < 0.5 {
+                    (short.sample(rng), Some("short"))
+                } else {
+                    (long.sample(rng), Some("long"))
+                }
+            }
+            Mix::Drift {
+                base,
+                factor,
+                from,
+                until,
+            } => {
+                let scale = if secs >= from.as_secs_f64() && secs < until.as_secs_f64() {
+                    factor
+                } else {
+                    1.0
+                };
+                (base.sample(rng) * scale, None)
+            }
+        }
+    }
+}
+
 /// What one run of the publisher sends.
 #[derive(Clone, Debug)]
 pub struct FeedOptions {
@@ -108,11 +172,9 @@ pub struct FeedOptions {
     pub ttl_ms: Option<u64>,
     /// Also declare each job's work in `x-work-ms` (otherwise it is only in the body).
     pub declare_work: bool,
-    /// The AMQP `type` property.
+    /// The AMQP `type` property of jobs whose mix names none.
     pub job_type: Option<String>,
-    pub work: LogNormal,
-    /// From this long after the start, work is drawn from the second distribution.
-    pub switch: Option<(Duration, LogNormal)>,
+    pub mix: Mix,
     /// How long to publish for.
     pub duration: Duration,
     pub seed: u64,
@@ -135,8 +197,6 @@ pub struct FeedReport {
     pub jobs: Vec<Sent>,
     /// When publishing started, Unix epoch ms.
     pub started_ms: u64,
-    /// When the work distribution switched, if it did.
-    pub switched_ms: Option<u64>,
 }
 
 impl FeedReport {
@@ -226,16 +286,8 @@ fn publish(
         if at > now {
             std::thread::sleep(at - now);
         }
-        let work = match options.switch {
-            Some((when, after)) if next_secs >= when.as_secs_f64() => {
-                report
-                    .switched_ms
-                    .get_or_insert(report.started_ms + when.as_millis() as u64);
-                after
-            }
-            _ => options.work,
-        };
-        let work_ms = work.sample(&mut rng).round().max(0.0) as u64;
+        let (work, mix_type) = options.mix.draw(next_secs, &mut rng);
+        let work_ms = work.round().max(0.0) as u64;
         let created_ms = now_ms();
         let sent = Sent {
             id: format!("{}-{}", options.id_prefix, report.jobs.len() + 1),
@@ -267,8 +319,8 @@ fn publish(
         if let Some(ttl) = options.ttl_ms {
             properties = properties.with_expiration(ttl.to_string());
         }
-        if let Some(job_type) = &options.job_type {
-            properties = properties.with_type_(job_type.clone());
+        if let Some(job_type) = mix_type.or(options.job_type.as_deref()) {
+            properties = properties.with_type_(job_type.to_owned());
         }
         channel
             .basic_publish(

@@ -8,6 +8,7 @@
 
 pub mod feed;
 pub mod httpd;
+pub mod lab;
 pub mod random;
 pub mod rig;
 pub mod svg;

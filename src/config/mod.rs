@@ -17,7 +17,7 @@ pub use raw::RawConfig;
 pub use surroundings::Surroundings;
 
 use crate::broker_address::BrokerAddress;
-pub use crate::handler::estimate::EstimateSettings;
+pub use crate::handler::estimate::{EstimateSettings, Objective};
 use crate::proxy::{ProxyError, ProxyRules};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -380,10 +380,12 @@ pub struct FlagsConfig {
     /// The machine's host name: the context's `host` attribute, whatever the key is.
     pub host: String,
     /// Optional lever flags (`None`: not watched, the config's value holds): pause the
-    /// worker, resize its pool, turn deadline-aware shedding on or off.
+    /// worker, resize its pool, turn deadline-aware shedding on or off, choose the shedding
+    /// objective.
     pub pause_key: Option<String>,
     pub concurrency_key: Option<String>,
     pub deadline_aware_key: Option<String>,
+    pub shed_objective_key: Option<String>,
 }
 
 /// LaunchDarkly's streaming and polling endpoints.
@@ -510,9 +512,8 @@ impl Config {
     }
 }
 
-/// The quantile of learned work times the doomed check budgets by default (see README,
-/// "Shedding when nobody declares the work time").
-pub const DEFAULT_ESTIMATE_QUANTILE: f64 = 0.99;
+/// How work estimates are formed when the config does not say.
+pub(crate) const ESTIMATE_DEFAULTS: EstimateSettings = crate::handler::estimate::DEFAULT_SETTINGS;
 
 /// Turns a multi-line parser message into one log-friendly line.
 fn one_line(message: &str) -> String {
@@ -589,6 +590,17 @@ mod tests {
             .to_string();
         assert!(err.contains("worker.concurrency"), "{err}");
         assert!(err.contains("got 0"), "{err}");
+    }
+
+    #[test]
+    fn shed_objective_is_one_of_two_words() {
+        let config = parse("[worker]\nshed_objective = \"most_on_time\"\n").expect("valid");
+        assert_eq!(config.worker.estimate.objective, Objective::MostOnTime);
+        let err = parse("[worker]\nshed_objective = \"fastest\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker.shed_objective"), "{err}");
+        assert!(err.contains("\"fastest\""), "{err}");
     }
 
     #[test]

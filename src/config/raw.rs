@@ -61,7 +61,10 @@ pub(super) struct RawWorker {
     pub(super) ledger_file: Option<PathBuf>,
     pub(super) estimate_quantile: Option<f64>,
     pub(super) estimate_half_life_jobs: Option<u64>,
+    pub(super) estimate_half_life_ms: Option<u64>,
     pub(super) estimate_min_jobs: Option<u64>,
+    pub(super) estimate_probe_interval_ms: Option<u64>,
+    pub(super) shed_objective: Option<String>,
     pub(super) max_job_types: Option<u64>,
     pub(super) max_concurrency: Option<u64>,
 }
@@ -111,6 +114,7 @@ pub(super) struct RawFlags {
     pub(super) pause_key: Option<String>,
     pub(super) concurrency_key: Option<String>,
     pub(super) deadline_aware_key: Option<String>,
+    pub(super) shed_objective_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

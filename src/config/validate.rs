@@ -129,22 +129,45 @@ impl Config {
                 quantile: check.float(
                     "worker.estimate_quantile",
                     w.estimate_quantile,
-                    DEFAULT_ESTIMATE_QUANTILE,
+                    ESTIMATE_DEFAULTS.quantile,
                     0.5,
                     0.999,
                 )?,
                 half_life_jobs: check.range(
                     "worker.estimate_half_life_jobs",
                     w.estimate_half_life_jobs,
-                    100,
+                    ESTIMATE_DEFAULTS.half_life_jobs as u64,
                     1..=1_000_000,
                 )? as u32,
+                half_life_ms: check.range(
+                    "worker.estimate_half_life_ms",
+                    w.estimate_half_life_ms,
+                    ESTIMATE_DEFAULTS.half_life_ms,
+                    1..=86_400_000,
+                )?,
                 min_jobs: check.range(
                     "worker.estimate_min_jobs",
                     w.estimate_min_jobs,
-                    20,
+                    ESTIMATE_DEFAULTS.min_jobs as u64,
                     1..=1_000_000,
                 )? as u32,
+                probe_interval_ms: check.range(
+                    "worker.estimate_probe_interval_ms",
+                    w.estimate_probe_interval_ms,
+                    ESTIMATE_DEFAULTS.probe_interval_ms,
+                    1..=3_600_000,
+                )?,
+                objective: match w.shed_objective.as_deref() {
+                    None => ESTIMATE_DEFAULTS.objective,
+                    Some(word) => Objective::parse(word).ok_or_else(|| {
+                        check.invalid(
+                            "worker.shed_objective",
+                            format!(
+                                "expected \"fewest_stopped\" or \"most_on_time\", got {word:?}"
+                            ),
+                        )
+                    })?,
+                },
             },
             max_job_types: check.range("worker.max_job_types", w.max_job_types, 32, 1..=1024)?
                 as usize,
@@ -224,6 +247,8 @@ impl Config {
             concurrency_key: check.optional_name("flags.concurrency_key", f.concurrency_key)?,
             deadline_aware_key: check
                 .optional_name("flags.deadline_aware_key", f.deadline_aware_key)?,
+            shed_objective_key: check
+                .optional_name("flags.shed_objective_key", f.shed_objective_key)?,
         };
         if flags.context_kind == "multi" || flags.context_kind == "kind" {
             return Err(check.invalid(

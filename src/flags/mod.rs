@@ -10,6 +10,7 @@ pub mod file;
 pub mod store;
 pub mod tally;
 
+use crate::handler::estimate::Objective;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 pub use tally::Tally;
@@ -145,11 +146,13 @@ pub struct FlagValues {
     /// The publish rate's bits (`f64`); its evaluation id separately (the queuer counts uses).
     rate_bits: AtomicU64,
     rate_evaluation: AtomicU32,
-    /// Levers: `1`/`0` for pause and deadline-aware shedding, a thread count for concurrency;
-    /// [`LEVER_UNSET`] leaves the config's value in force.
+    /// Levers: `1`/`0` for pause and deadline-aware shedding, a thread count for concurrency,
+    /// an [`Objective`]'s number for the shedding objective; [`LEVER_UNSET`] leaves the
+    /// config's value in force.
     paused: AtomicU32,
     concurrency: AtomicU32,
     deadline_aware: AtomicU32,
+    shed_objective: AtomicU32,
     origin: AtomicU8,
     state: AtomicU8,
     /// When the values were last known to be current (see [`FlagValues::age_ms`]).
@@ -175,6 +178,7 @@ impl FlagValues {
             paused: AtomicU32::new(LEVER_UNSET),
             concurrency: AtomicU32::new(LEVER_UNSET),
             deadline_aware: AtomicU32::new(LEVER_UNSET),
+            shed_objective: AtomicU32::new(LEVER_UNSET),
             origin: AtomicU8::new(Origin::Fallback as u8),
             state: AtomicU8::new(SourceState::None as u8),
             confirmed_ms: AtomicU64::new(crate::clock::now_ms()),
@@ -257,6 +261,14 @@ impl FlagValues {
         }
     }
 
+    /// The shedding objective a flag asks for; `None`: no flag says, the config decides.
+    pub fn shed_objective(&self) -> Option<Objective> {
+        match self.shed_objective.load(Ordering::Relaxed) {
+            LEVER_UNSET => None,
+            v => Some(objective_from_lever(v)),
+        }
+    }
+
     /// Where the current values came from.
     pub fn origin(&self) -> Origin {
         Origin::from_u8(self.origin.load(Ordering::Relaxed))
@@ -309,6 +321,7 @@ impl FlagValues {
             Lever::Pause => &self.paused,
             Lever::Concurrency => &self.concurrency,
             Lever::DeadlineAware => &self.deadline_aware,
+            Lever::ShedObjective => &self.shed_objective,
         };
         cell.store(value.unwrap_or(LEVER_UNSET), Ordering::Relaxed);
     }
@@ -341,6 +354,21 @@ impl FlagValues {
     }
 }
 
+/// An objective as a lever's number, as [`FlagValues`] stores it.
+pub fn objective_lever_value(objective: Objective) -> u32 {
+    match objective {
+        Objective::FewestStopped => 0,
+        Objective::MostOnTime => 1,
+    }
+}
+
+fn objective_from_lever(value: u32) -> Objective {
+    match value {
+        1 => Objective::MostOnTime,
+        _ => Objective::FewestStopped,
+    }
+}
+
 fn percent_to_ppm(percent: f64) -> u32 {
     (percent.clamp(0.0, 100.0) * PPM_PER_PERCENT).round() as u32
 }
@@ -354,11 +382,19 @@ pub enum Lever {
     Concurrency,
     /// Drop jobs that can no longer meet their deadline, or not (boolean flag).
     DeadlineAware,
+    /// What the budget of a job without a declared work time aims at (string flag:
+    /// `fewest_stopped` or `most_on_time`).
+    ShedObjective,
 }
 
 impl Lever {
     /// All levers, in the order their settings are listed.
-    pub const ALL: [Lever; 3] = [Lever::Pause, Lever::Concurrency, Lever::DeadlineAware];
+    pub const ALL: [Lever; 4] = [
+        Lever::Pause,
+        Lever::Concurrency,
+        Lever::DeadlineAware,
+        Lever::ShedObjective,
+    ];
 
     /// The name used in logs and the stats line.
     pub fn as_str(self) -> &'static str {
@@ -366,6 +402,7 @@ impl Lever {
             Lever::Pause => "paused",
             Lever::Concurrency => "concurrency",
             Lever::DeadlineAware => "deadline_aware",
+            Lever::ShedObjective => "shed_objective",
         }
     }
 }

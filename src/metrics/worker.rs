@@ -45,6 +45,10 @@ struct Shared {
     types: Mutex<Vec<String>>,
     /// Per slot: the work the doomed check budgets, in ms.
     work_estimate_ms: Box<[AtomicU64]>,
+    /// Per slot: 1 while the type is shut out by its estimate (only probes run), else 0.
+    shut_out: Box<[AtomicU64]>,
+    /// Probes run, all types together.
+    probes: Counter,
     queue_wait: Histogram,
     slack: Histogram,
     handler: Histogram,
@@ -67,6 +71,8 @@ impl WorkerMetrics {
             settled: (0..slots * OUTCOMES).map(|_| Counter::default()).collect(),
             types: Mutex::new(Vec::with_capacity(slots)),
             work_estimate_ms: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            shut_out: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            probes: Counter::default(),
             queue_wait: Histogram::new(&JOB_BOUNDS_US),
             slack: Histogram::new(&JOB_BOUNDS_US),
             handler: Histogram::new(&JOB_BOUNDS_US),
@@ -148,6 +154,18 @@ impl WorkerMetrics {
         if let Some(estimate) = self.shared.work_estimate_ms.get(slot.index()) {
             estimate.store(budget_ms, Relaxed);
         }
+    }
+
+    /// Type `slot` is now shut out by its estimate, or runs again.
+    pub fn shut_out(&self, slot: TypeSlot, shut_out: bool) {
+        if let Some(gauge) = self.shared.shut_out.get(slot.index()) {
+            gauge.store(u64::from(shut_out), Relaxed);
+        }
+    }
+
+    /// A job doomed by its type's estimate runs anyway, as a probe.
+    pub fn probe(&self) {
+        self.shared.probes.inc();
     }
 
     /// Shows every slot's estimate again: after a reload changed how they are formed.
@@ -283,6 +301,28 @@ impl Scrape for Shared {
             );
         }
         text.family(
+            "flagshed_work_estimate_shut_out",
+            Kind::Gauge,
+            "1 while every job of this type is doomed by its work estimate and only probes run, else 0.",
+        );
+        for (job_type, shut_out) in types.iter().zip(self.shut_out.iter()) {
+            text.int(
+                "flagshed_work_estimate_shut_out",
+                &[("type", job_type)],
+                shut_out.load(Relaxed),
+            );
+        }
+        text.family(
+            "flagshed_work_estimate_probes_total",
+            Kind::Counter,
+            "Jobs run although their type's work estimate doomed them, to learn whether it still holds.",
+        );
+        text.int(
+            "flagshed_work_estimate_probes_total",
+            &[],
+            self.probes.get(),
+        );
+        text.family(
             "flagshed_job_type_skip_rate_ratio",
             Kind::Gauge,
             "The skip-rate flag for a job type whose multi-context (service and job) has a value of its own; types without one follow flagshed_skip_rate_ratio.",
@@ -344,6 +384,7 @@ mod tests {
         quantile: 0.9,
         half_life_jobs: 10,
         min_jobs: 1,
+        ..crate::handler::estimate::DEFAULT_SETTINGS
     };
 
     fn scrape(metrics: &WorkerMetrics) -> String {
@@ -397,6 +438,28 @@ mod tests {
             1,
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_type_shut_out_by_its_estimate_and_the_probes_are_shown() {
+        let metrics = WorkerMetrics::new(Arc::new(FlagValues::new(0.0, 1.0)), 1, 2);
+        let mut estimates = WorkEstimates::new(SETTINGS, 2);
+        let report = estimates.slot("report");
+        estimates.slot("resize");
+        metrics.settled(&estimates, report, Outcome::Doomed, 250);
+        metrics.shut_out(report, true);
+        metrics.probe();
+        metrics.probe();
+        let text = scrape(&metrics);
+        for line in [
+            "flagshed_work_estimate_shut_out{type=\"report\"} 1\n",
+            "flagshed_work_estimate_shut_out{type=\"resize\"} 0\n",
+            "flagshed_work_estimate_probes_total 2\n",
+        ] {
+            assert!(text.contains(line), "{line}in\n{text}");
+        }
+        metrics.shut_out(report, false);
+        assert!(scrape(&metrics).contains("flagshed_work_estimate_shut_out{type=\"report\"} 0\n"));
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::config::{Config, ShedAction, WhenUnavailable};
 use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::gate::Gate;
-use crate::handler::estimate::WorkEstimates;
+use crate::handler::estimate::{Doomed, Observed, ShutOut, TypeSlot, WorkEstimates};
 use crate::handler::{Handler, HandlerError};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
@@ -658,6 +658,7 @@ impl Worker<'_, '_> {
             log::info!("running up to {limit} jobs at once");
             self.gate.set_limit(limit);
         }
+        self.apply_objective();
         let consumer = consumer?;
         let lever = self.env.values.paused() == Some(true);
         if (lever || self.unavailable.is_some()) && !self.paused && self.draining.is_none() {
@@ -678,6 +679,21 @@ impl Worker<'_, '_> {
             }
         }
         None
+    }
+
+    /// Puts in force the shedding objective the flag asks for, or the config's.
+    fn apply_objective(&mut self) {
+        let objective = self
+            .env
+            .values
+            .shed_objective()
+            .unwrap_or(self.config.worker.estimate.objective);
+        if self.estimates.set_objective(objective) {
+            log::info!("shedding objective: {}", objective.as_str());
+            if let Some(metrics) = &self.env.metrics {
+                metrics.refresh_work_estimates(&self.estimates, self.policy.defaults.work_ms);
+            }
+        }
     }
 
     /// Unstarted jobs go back to the queue (drain, pause).
@@ -765,14 +781,26 @@ impl Worker<'_, '_> {
             skip_ppm,
             drop_doomed,
         );
-        if verdict == Verdict::Doomed
-            && !meta.work_declared
-            && self.estimates.doomed_by_estimate(slot)
-        {
-            // A probe: the estimate has kept this type out for long; see if it still holds.
-            budget_ms = 0;
-            let unbudgeted = JobMeta { work_ms: 0, ..meta };
-            verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, drop_doomed);
+        let mut probe = false;
+        let mut shut_out = None;
+        if verdict == Verdict::Doomed && !meta.work_declared {
+            let left_ms = meta.deadline_ms.map_or(0, |d| d.saturating_sub(now));
+            if let Doomed::Probe(change) = self.estimates.doomed_by_estimate(slot, now, left_ms) {
+                // A probe: the estimate keeps this type out; see whether it still holds.
+                probe = true;
+                shut_out = change;
+                budget_ms = 0;
+                let unbudgeted = JobMeta { work_ms: 0, ..meta };
+                verdict = shed::at_receipt(&unbudgeted, now, skip_ppm, drop_doomed);
+                if let Some(metrics) = &self.env.metrics {
+                    metrics.probe();
+                }
+            }
+        } else if verdict == Verdict::Run && !meta.work_declared {
+            shut_out = self.estimates.started(slot, now);
+        }
+        if let Some(change) = shut_out {
+            self.log_shut_out(slot, change);
         }
         match verdict {
             Verdict::Run => {
@@ -791,6 +819,7 @@ impl Worker<'_, '_> {
                     tag,
                     meta,
                     budget_ms,
+                    probe,
                     slot,
                     drop_doomed,
                     enforce_deadline: self.policy.enforce_deadline,
@@ -856,13 +885,13 @@ impl Worker<'_, '_> {
         }
         self.ledger.work_ms += completion.worked_ms;
         if matches!(outcome, Outcome::Done | Outcome::Late | Outcome::TimedOut) {
-            if outcome == Outcome::TimedOut {
-                self.estimates
-                    .observe_stopped(completion.slot, completion.worked_ms);
+            let observed = if outcome == Outcome::TimedOut {
+                Observed::Stopped(completion.worked_ms)
             } else {
-                self.estimates
-                    .observe(completion.slot, completion.worked_ms);
-            }
+                Observed::Finished(completion.worked_ms)
+            };
+            self.estimates
+                .observe(completion.slot, observed, completion.probe, now_ms());
             if let Some(metrics) = &self.env.metrics {
                 let budget = self
                     .estimates
@@ -1130,6 +1159,33 @@ impl Worker<'_, '_> {
         self.flush(consumer)
     }
 
+    /// Says once that a type's estimate dooms all its jobs, so that only probes run, and once
+    /// that it runs jobs again.
+    fn log_shut_out(&self, slot: TypeSlot, change: ShutOut) {
+        let name = self
+            .estimates
+            .names()
+            .nth(slot.index())
+            .map_or("", |(_, n)| n);
+        let estimate_ms = self
+            .estimates
+            .budget_ms(slot, self.policy.defaults.work_ms);
+        let interval_ms = self.config.worker.estimate.probe_interval_ms;
+        match change {
+            ShutOut::Began => log::warn!(
+                "job type {name:?} is shut out by its work estimate ({estimate_ms} ms, more \
+                 than its jobs have left): none ran for {interval_ms} ms; one every \
+                 {interval_ms} ms runs as a probe until the work is quick again"
+            ),
+            ShutOut::Ended => log::warn!(
+                "job type {name:?} runs jobs again (work estimate {estimate_ms} ms)"
+            ),
+        }
+        if let Some(metrics) = &self.env.metrics {
+            metrics.shut_out(slot, change == ShutOut::Began);
+        }
+    }
+
     /// Decides the jobs whose retry delay is over (or all of them) as `retried`.
     fn hand_back_due_retries(&mut self, all: bool) {
         let now = Instant::now();
@@ -1153,11 +1209,12 @@ impl Worker<'_, '_> {
         };
         self.policy = Policy::from_config(&new);
         self.estimates.set_settings(new.worker.estimate);
+        self.stats.set_interval(new.log.stats_interval);
+        self.config = new;
+        self.apply_objective();
         if let Some(metrics) = &self.env.metrics {
             metrics.refresh_work_estimates(&self.estimates, self.policy.defaults.work_ms);
         }
-        self.stats.set_interval(new.log.stats_interval);
-        self.config = new;
         self.env.notifier.ready("reloaded");
     }
 
@@ -1187,7 +1244,7 @@ impl Worker<'_, '_> {
             line.push_str(&format!(" skip_rate_by_type={}", own.join(",")));
         }
         line.push_str(&format!(
-            " paused={} handler_unavailable={} concurrency={} deadline_aware={}",
+            " paused={} handler_unavailable={} concurrency={} deadline_aware={} shed_objective={}",
             u8::from(self.paused),
             u8::from(self.unavailable.is_some()),
             self.gate.limit(),
@@ -1196,7 +1253,8 @@ impl Worker<'_, '_> {
                     .values
                     .deadline_aware()
                     .unwrap_or(self.policy.drop_doomed)
-            )
+            ),
+            self.estimates.objective().as_str()
         ));
         line
     }

@@ -23,6 +23,8 @@ pub(super) struct Task {
     pub(super) meta: JobMeta,
     /// The work the doomed check budgets: declared, or learned for the job's type.
     pub(super) budget_ms: u64,
+    /// Run although its estimate dooms it, to learn whether the estimate still holds.
+    pub(super) probe: bool,
     pub(super) slot: TypeSlot,
     pub(super) drop_doomed: bool,
     pub(super) enforce_deadline: bool,
@@ -39,6 +41,8 @@ pub(super) struct Completion {
     /// or for a job without a `message_id`, a hash of its body.
     pub(super) retry_key: u64,
     pub(super) slot: TypeSlot,
+    /// The task was a probe (see [`Task::probe`]).
+    pub(super) probe: bool,
     pub(super) outcome: Outcome,
     /// Handler time spent, for the late-work counter.
     pub(super) worked_ms: u64,
@@ -108,6 +112,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
         tag: task.tag,
         retry_key: task.meta.id_hash,
         slot: task.slot,
+        probe: task.probe,
         outcome: Outcome::Done,
         worked_ms: 0,
         wait_ms: None,
@@ -228,11 +233,13 @@ mod tests {
                 work_declared: true,
             },
             budget_ms: work_ms,
+            probe: false,
             slot: WorkEstimates::new(
                 crate::handler::estimate::EstimateSettings {
                     quantile: 0.9,
                     half_life_jobs: 10,
                     min_jobs: 1,
+                    ..crate::handler::estimate::DEFAULT_SETTINGS
                 },
                 1,
             )
