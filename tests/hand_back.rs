@@ -1,8 +1,8 @@
 //! No received job ends without a recorded final state, whatever path hands it back to the
 //! queue: a job past its deadline and its AMQP `expiration` (set as taskqueuer sets them) is
 //! recorded `expired` rather than handed to RabbitMQ, which would drop it unseen. One test
-//! per path: a retry, a drain, a pause, a lost connection. Each checks the ledger file: every
-//! job's last line is a final state.
+//! per path: a retry, a drain, a pause, a lost connection, a handler that could not reach its
+//! service. Each checks the ledger file: every job's last line is a final state.
 
 mod support;
 
@@ -285,4 +285,43 @@ fn a_lost_connection_records_held_jobs_past_their_expiration() {
         "{}",
         worker.log()
     );
+}
+
+#[test]
+fn a_job_its_handler_could_not_reach_before_its_expiration_ends_expired() {
+    let setup = Setup::new("handback-unavailable");
+    // A service that never accepts: the connection attempt times out after 2 s, when the
+    // job's expiration (1.5 s, its deadline a minute away) has passed.
+    let (_listener, port, _filling) = support::http_server::full_listener();
+    let config = setup
+        .config()
+        .set("handler", "kind", "\"http\"")
+        .set(
+            "handler",
+            "url",
+            &toml_str(&format!("http://127.0.0.1:{port}/jobs")),
+        )
+        .set("handler", "connect_timeout_ms", "2000")
+        .write(&setup.dir, "flagshed.toml");
+    let mut worker = start(&config);
+    let (mut properties, expires) = expiring_job("unreached", 10);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-deadline-ms".into(),
+        AmqpValue::LongLongInt((now_ms() + 60_000) as i64),
+    );
+    properties = properties.with_headers(headers);
+    setup
+        .broker
+        .publish_properties(&setup.queue, properties, b"");
+    worker.wait_for_line("handler unavailable", WAIT);
+    worker.wait_for_stats(|s| s.get("expired") == 1 && s.get("in_flight") == 0);
+    assert!(now_ms() >= expires);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("expired"), 1, "{ledger:?}");
+    assert_eq!(ledger.get("requeued"), 0, "{ledger:?}");
+    assert_eq!(ledger.get("failed"), 0, "{ledger:?}");
+    assert_eq!(last_states(&setup.ledger_file)["unreached"], "expired");
+    assert_eq!(setup.broker.ready_count(&setup.queue), 0);
 }

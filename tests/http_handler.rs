@@ -206,41 +206,9 @@ fn a_slow_server_is_abandoned_at_the_deadline() {
     assert_eq!(ledger.get("done"), 0);
 }
 
-/// A listener whose accept queue is full: it never accepts, and its one queued connection is
-/// taken, so the kernel drops every new connection attempt (SYN) and the client waits.
-/// Returns it with the port and the connections that fill it, which must stay open.
-fn full_listener() -> (std::net::TcpListener, u16, Vec<std::net::TcpStream>) {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls on a descriptor this function owns; the address is a valid
-    // sockaddr_in for the duration of each call.
-    let listener = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let mut address: libc::sockaddr_in = std::mem::zeroed();
-        address.sin_family = libc::AF_INET as libc::sa_family_t;
-        address.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-        let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let rc = libc::bind(fd, (&raw const address).cast(), size);
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        // A backlog of 0: the queue holds one connection.
-        assert_eq!(libc::listen(fd, 0), 0, "listen");
-        std::net::TcpListener::from_raw_fd(fd)
-    };
-    let address = listener.local_addr().expect("local address");
-    let mut filling = Vec::new();
-    loop {
-        match std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
-            Ok(stream) => filling.push(stream),
-            Err(_) => break,
-        }
-        assert!(filling.len() < 64, "the accept queue never filled");
-    }
-    (listener, address.port(), filling)
-}
-
 #[test]
 fn connecting_to_a_service_that_does_not_accept_ends_at_the_deadline() {
-    let (_listener, port, _filling) = full_listener();
+    let (_listener, port, _filling) = support::http_server::full_listener();
     let dir = TempDir::new("http-full");
     let ledger_file = dir.path().join("ledger.jsonl");
     let deadline_in = 1_000;
