@@ -164,12 +164,30 @@ impl<D, K: Copy> AckWindow<D, K> {
         Ok(())
     }
 
-    /// Empties the window (the channel died): returns how many deliveries were decided but
-    /// never sent, and how many were still running.
-    pub fn abandon(&mut self) -> (usize, usize) {
+    /// Changes decisions not yet sent: `revise(delivery, decision)` gives each its final
+    /// form just before a flush (the worker turns a hand-back that came too late into
+    /// `expired` there, where every frame passes).
+    pub fn revise(&mut self, mut revise: impl FnMut(&D, K) -> K) {
+        for slot in self.slots.iter_mut() {
+            if let Slot::Decided(delivery, k) = slot {
+                *k = revise(delivery, *k);
+            }
+        }
+    }
+
+    /// Empties the window (the channel died, or the worker stops without waiting): each held
+    /// delivery is given to `each` with its decision if it had one that was never sent.
+    /// Returns how many were decided but never sent, and how many were still running.
+    pub fn abandon(&mut self, mut each: impl FnMut(D, Option<K>)) -> (usize, usize) {
         let unsent = self.decided;
         let running = self.held - self.decided;
-        self.slots.clear();
+        for slot in self.slots.drain(..) {
+            match slot {
+                Slot::Running(d) => each(d, None),
+                Slot::Decided(d, k) => each(d, Some(k)),
+                Slot::Sent => {}
+            }
+        }
         self.decided = 0;
         self.held = 0;
         (unsent, running)
@@ -263,7 +281,18 @@ mod tests {
     fn abandon_reports_unsent_decisions_and_running_jobs() {
         let mut w = window_of(1..=3);
         w.decide(2, Reject);
-        assert_eq!(w.abandon(), (1, 2));
+        let mut seen = Vec::new();
+        assert_eq!(w.abandon(|d, k| seen.push((d, k))), (1, 2));
+        assert_eq!(seen, vec![(1, None), (2, Some(Reject)), (3, None)]);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn revised_decisions_are_what_is_sent() {
+        let mut w = window_of(1..=3);
+        w.decide(1, Requeue);
+        w.decide(3, Requeue);
+        w.revise(|&tag, k| if tag == 1 { Ack } else { k });
+        assert_eq!(flushed(&mut w), vec![(1, Ack, true), (3, Requeue, false)]);
     }
 }

@@ -214,13 +214,16 @@ fn serve_metrics(
 pub fn handler_for(config: &HandlerConfig, pool_threads: usize) -> Arc<dyn Handler> {
     match &config.kind {
         HandlerKind::Simulated => Arc::new(SimulatedHandler),
-        HandlerKind::Exec { program, args, env } => Arc::new(ExecHandler::new(
-            program.clone(),
-            args.iter().map(Into::into).collect(),
-            env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
-            config.kill_grace,
-            config.output_limit_bytes,
-        )),
+        HandlerKind::Exec { program, args, env } => Arc::new(
+            ExecHandler::new(
+                program.clone(),
+                args.iter().map(Into::into).collect(),
+                env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+                config.kill_grace,
+                config.output_limit_bytes,
+            )
+            .with_output_limit_lines(config.output_limit_lines),
+        ),
         HandlerKind::Http {
             url,
             connect_timeout,

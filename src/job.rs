@@ -112,6 +112,40 @@ pub fn parse(
     })
 }
 
+/// The AMQP `expiration` property (a per-message time-to-live, milliseconds as a decimal
+/// string), if it holds a number.
+pub fn expiration_ms(properties: &AmqpProperties) -> Option<u64> {
+    properties.expiration().as_deref()?.trim().parse().ok()
+}
+
+/// Until when the job may go back to the queue and still be worth delivering again: the
+/// earlier of its deadline and the moment RabbitMQ drops it for its `expiration`. RabbitMQ
+/// counts an expiration from the publish and keeps that moment across requeues, and a
+/// requeued message past it is dropped (dead-lettered as `expired`) rather than delivered, so
+/// a job handed back after this moment would end with no final state recorded anywhere.
+///
+/// The publish is taken to be `x-created-ms`, which a producer sets just before publishing;
+/// without it, the `timestamp` property (whole seconds, rounded down), and failing that the
+/// job's creation as [`parse`] resolved it (its receipt): then the moment may come later than
+/// RabbitMQ's, so producers that set an expiration should set `x-created-ms` too.
+pub fn keep_until_ms(meta: &JobMeta, properties: &AmqpProperties) -> Option<u64> {
+    let expires = expiration_ms(properties).map(|ttl| {
+        let created_header = properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.contains_key(HEADER_CREATED_MS));
+        let published = match properties.timestamp() {
+            Some(secs) if !created_header => secs.saturating_mul(1000).min(meta.created_ms),
+            _ => meta.created_ms,
+        };
+        published.saturating_add(ttl)
+    });
+    match (meta.deadline_ms, expires) {
+        (Some(deadline), Some(expires)) => Some(deadline.min(expires)),
+        (deadline, expires) => deadline.or(expires),
+    }
+}
+
 /// A header's value as a non-negative integer of any AMQP integer type; `Ok(None)` when absent.
 pub(crate) fn header_ms(
     headers: Option<&FieldTable>,
@@ -188,6 +222,40 @@ pub(crate) fn mix64(mut x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_until_is_the_earlier_of_deadline_and_expiration() {
+        let created = 1_000_000;
+        let meta = |deadline_ms| JobMeta {
+            id_hash: 0,
+            created_ms: created,
+            deadline_ms,
+            work_ms: 0,
+            work_declared: false,
+        };
+        let mut headers = FieldTable::new();
+        headers.insert(
+            HEADER_CREATED_MS.to_owned(),
+            AmqpValue::LongLongInt(created as i64),
+        );
+        let expiring = AmqpProperties::default()
+            .with_headers(headers)
+            .with_expiration("1500".into())
+            .with_timestamp(created / 1000 - 5);
+        assert_eq!(keep_until_ms(&meta(Some(created + 9_000)), &expiring), Some(created + 1_500));
+        assert_eq!(keep_until_ms(&meta(Some(created + 900)), &expiring), Some(created + 900));
+        assert_eq!(keep_until_ms(&meta(None), &expiring), Some(created + 1_500));
+        let plain = AmqpProperties::default();
+        assert_eq!(keep_until_ms(&meta(None), &plain), None);
+        assert_eq!(keep_until_ms(&meta(Some(7)), &plain), Some(7));
+        // Without x-created-ms, the timestamp (seconds) is the earliest the publish can be.
+        let stamped = AmqpProperties::default()
+            .with_expiration("1500".into())
+            .with_timestamp(created / 1000 - 2);
+        assert_eq!(keep_until_ms(&meta(None), &stamped), Some(created - 2_000 + 1_500));
+        let unusable = AmqpProperties::default().with_expiration("soon".into());
+        assert_eq!(keep_until_ms(&meta(None), &unusable), None);
+    }
 
     const DEFAULTS: JobDefaults = JobDefaults {
         work_ms: 1000,

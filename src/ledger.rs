@@ -29,7 +29,8 @@ pub enum Outcome {
     TimedOut,
     /// The handler asked to try again later (exit 75, HTTP 429 or 503): back in the queue.
     Retried,
-    /// Handed back to the queue unstarted, on shutdown.
+    /// Handed back to the queue unstarted (on shutdown, a pause, or while an unavailable
+    /// handler holds intake), or by a handler that found its service unavailable.
     Requeued,
 }
 
@@ -50,7 +51,6 @@ impl Outcome {
 
     /// Whether the job is finished with here: false for the outcomes that hand it back to the
     /// queue (`retried`, `requeued`), where another delivery of it will end in its own outcome.
-    #[cfg(any(test, feature = "internals"))]
     pub fn is_final(self) -> bool {
         !matches!(self, Outcome::Retried | Outcome::Requeued)
     }

@@ -160,6 +160,7 @@ fn keep_restart_only_settings(current: &Config, mut new: Config) -> Config {
         "handler.kind, command, env, url or connect_timeout_ms" => handler.kind,
         "handler.kill_grace_ms" => handler.kill_grace,
         "handler.output_limit_bytes" => handler.output_limit_bytes,
+        "handler.output_limit_lines" => handler.output_limit_lines,
         "queuer.confirms" => queuer.confirms,
         "queuer.ledger_file" => queuer.ledger_file,
         "metrics.worker_listen" => metrics.worker_listen,

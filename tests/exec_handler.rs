@@ -159,6 +159,7 @@ struct Stopped {
     /// A line per process that received SIGTERM and ended by itself.
     terms: usize,
     ledger: Ledger,
+    log: String,
 }
 
 /// Runs one job of a script that starts a grandchild and sleeps past the deadline. Both
@@ -232,6 +233,7 @@ fn stop_at_deadline(what: &str, ignore_term: bool, kill_grace_ms: u64) -> Stoppe
         ended_after,
         terms,
         ledger,
+        log: worker.log(),
     }
 }
 
@@ -242,6 +244,13 @@ fn a_job_past_its_deadline_is_stopped_with_its_grandchildren() {
     // Both got SIGTERM and ended by themselves: SIGKILL, a minute later, was not needed.
     assert_eq!(stopped.terms, 2, "processes that noted SIGTERM");
     assert!(stopped.ended_after.is_some(), "stopped before the deadline");
+    assert!(
+        stopped
+            .log
+            .contains("job \"sleeper\" timed_out: stopped at its deadline after"),
+        "{}",
+        stopped.log
+    );
 }
 
 #[test]
@@ -305,6 +314,7 @@ fn a_flood_of_output_is_logged_up_to_the_limit_and_counted() {
     );
     let config = exec_config(&queue, &[flood.to_str().expect("utf-8 path")])
         .set("handler", "output_limit_bytes", "1000")
+        .set("handler", "output_limit_lines", "1000")
         .write(&dir, "flagshed.toml");
     let mut worker = start(&config);
     broker.publish_properties(&queue, job("flood"), b"");
@@ -313,12 +323,37 @@ fn a_flood_of_output_is_logged_up_to_the_limit_and_counted() {
     ledger.assert_balanced();
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
     let log = worker.log();
-    // 1,000 bytes are 200 lines of "flood"; the other 199,800 lines and stderr's "oops" are
-    // counted, not logged.
-    assert_eq!(log.matches("job flood stdout: flood").count(), 200);
+    // 1,000 bytes, newlines counted, are 166 lines of "flood" and the "flo" of the next; the
+    // rest of the 1,200,000 bytes and stderr's "oops" are counted, not logged.
+    assert_eq!(log.matches("job flood stdout: flood").count(), 166);
+    assert!(log.contains("job flood stdout: flo\n"), "{log}");
     assert!(!log.contains("oops"), "{log}");
     assert!(
-        log.contains("job flood: 999004 more bytes of output not logged"),
+        log.contains("job flood: 1199005 more bytes of output not logged"),
+        "{log}"
+    );
+}
+
+#[test]
+fn many_short_lines_are_bounded_in_number() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-lines");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-lines");
+    let lines = script(&dir, "lines.sh", "yes x | head -n 8192");
+    // The defaults: 16 KiB and 100 lines.
+    let config =
+        exec_config(&queue, &[lines.to_str().expect("utf-8 path")]).write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    broker.publish_properties(&queue, job("lines"), b"");
+    worker.wait_settled(1);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 1, "{ledger:?}");
+    let log = worker.log();
+    assert_eq!(log.matches("job lines stdout: x").count(), 100);
+    assert!(
+        log.contains("job lines: 16184 more bytes of output not logged"),
         "{log}"
     );
 }
@@ -347,14 +382,15 @@ fn a_command_that_cannot_run_is_a_config_error() {
 }
 
 #[test]
-fn a_command_gone_at_run_time_fails_the_job_and_the_worker_goes_on() {
+fn a_command_gone_at_run_time_fails_the_job_when_told_to_and_the_worker_goes_on() {
     let mut broker = TestBroker::connect();
     let queue = unique_name("exec-gone");
     broker.owns_queue(&queue);
     let dir = TempDir::new("exec-gone");
     let ok = script(&dir, "ok.sh", "exit 0");
-    let config =
-        exec_config(&queue, &[ok.to_str().expect("utf-8 path")]).write(&dir, "flagshed.toml");
+    let config = exec_config(&queue, &[ok.to_str().expect("utf-8 path")])
+        .set("handler", "when_unavailable", "\"fail\"")
+        .write(&dir, "flagshed.toml");
     let mut worker = start(&config);
     std::fs::remove_file(&ok).expect("remove the handler");
     broker.publish_properties(&queue, job("first"), b"");
@@ -367,6 +403,102 @@ fn a_command_gone_at_run_time_fails_the_job_and_the_worker_goes_on() {
     assert_eq!(ledger.get("failed"), 1, "{ledger:?}");
     assert_eq!(ledger.get("done"), 1, "{ledger:?}");
     assert!(worker.log().contains("cannot run"), "{}", worker.log());
+}
+
+#[test]
+fn a_script_whose_interpreter_is_missing_holds_intake_until_it_can_start() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-no-interpreter");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-no-interpreter");
+    // It passes the config check (an executable file) and then cannot be started.
+    let handler = dir.write("handler.sh", "#!/nonexistent/interpreter\nexit 0\n");
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = exec_config(&queue, &[handler.to_str().expect("utf-8 path")])
+        .set("worker", "concurrency", "2")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    for i in 0..10 {
+        broker.publish_properties(&queue, job(&format!("job-{i}")), b"");
+    }
+    let line = worker.wait_for_line("handler unavailable", WAIT);
+    assert!(line.contains("cannot run"), "{line}");
+    let held = worker.wait_for_new_stats(|s| s.get("in_flight") == 0);
+    assert_eq!(held.get("failed"), 0, "{held:?}");
+    assert_eq!(held.text("handler_unavailable"), "1", "{held:?}");
+    // Deployed again, fixed: the probe finds it startable and intake resumes.
+    script(&dir, "handler.sh", "exit 0");
+    worker.wait_for_line("handler answers again", WAIT);
+    worker.wait_for_stats(|s| s.get("done") == 10 && s.get("in_flight") == 0);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("done"), 10, "{ledger:?}");
+    assert_eq!(ledger.get("failed"), 0, "{ledger:?}");
+    assert!(ledger.get("requeued") >= 1, "{ledger:?}");
+    assert_eq!(broker.ready_count(&queue), 0);
+}
+
+/// How many failures of `cause` the log accounts for: lines logged one by one, and the
+/// counts of those that were not.
+fn failures_accounted(log: &str, cause: &str) -> u64 {
+    let count_after = |line: &str, marker: &str| -> u64 {
+        line.split_once(marker)
+            .and_then(|(before, _)| before.rsplit(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut total = 0;
+    for line in log.lines() {
+        if line.contains(&format!("failed: {cause}")) {
+            total += 1 + count_after(line, " more of this cause");
+        }
+        if line.contains(&format!("more failed jobs ({cause}) were not logged")) {
+            total += count_after(line, " more failed jobs");
+        }
+    }
+    total
+}
+
+#[test]
+fn each_distinct_failure_is_logged_with_its_count() {
+    let mut broker = TestBroker::connect();
+    let queue = unique_name("exec-causes");
+    broker.owns_queue(&queue);
+    let dir = TempDir::new("exec-causes");
+    let fail_with = script(
+        &dir,
+        "fail-with.sh",
+        r#"read what
+case "$what" in
+  kill) kill -KILL $$ ;;
+  segv) kill -SEGV $$ ;;
+  *) exit "$what" ;;
+esac"#,
+    );
+    let config = exec_config(&queue, &[fail_with.to_str().expect("utf-8 path")])
+        .set("worker", "concurrency", "4")
+        .write(&dir, "flagshed.toml");
+    let mut worker = start(&config);
+    let causes = [
+        ("2", "exit status 2"),
+        ("3", "exit status 3"),
+        ("kill", "killed by signal 9"),
+        ("segv", "killed by signal 11"),
+    ];
+    for round in 0..3 {
+        for (body, _) in causes {
+            let id = format!("{body}-{round}");
+            broker.publish_properties(&queue, job(&id), body.as_bytes());
+        }
+    }
+    worker.wait_settled(12);
+    let ledger = worker.stop();
+    ledger.assert_balanced();
+    assert_eq!(ledger.get("failed"), 12, "{ledger:?}");
+    let log = worker.log();
+    for (_, cause) in causes {
+        assert_eq!(failures_accounted(&log, cause), 3, "{cause}:\n{log}");
+    }
 }
 
 #[test]

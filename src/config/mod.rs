@@ -247,12 +247,28 @@ pub struct HandlerConfig {
     pub enforce_deadline: bool,
     /// Between SIGTERM and SIGKILL for an exec job stopped at its deadline.
     pub kill_grace: Duration,
-    /// Bytes of an exec job's stdout and stderr logged per job.
+    /// Bytes of an exec job's stdout and stderr logged per job, newlines included.
     pub output_limit_bytes: usize,
+    /// Lines of an exec job's stdout and stderr logged per job.
+    pub output_limit_lines: usize,
     /// Times a job may ask to be retried before it ends `failed`.
     pub max_retries: u32,
     /// How long a job that asked to be retried is held before it goes back to the queue.
     pub retry_delay: Duration,
+    /// What a job meets when the handler finds its service unavailable.
+    pub when_unavailable: WhenUnavailable,
+}
+
+/// What the worker does when the handler finds its service unavailable (an http service
+/// refusing or resetting connections before any response, an exec program that cannot be
+/// started).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenUnavailable {
+    /// The job goes back to the queue and intake stops until the service answers a probe: a
+    /// restart of the service costs no job.
+    Hold,
+    /// The job ends `failed` at once, as every other failure does.
+    Fail,
 }
 
 /// Which handler, with what it needs.

@@ -79,9 +79,11 @@ pub(super) struct RawHandler {
     pub(super) enforce_deadline: Option<bool>,
     pub(super) kill_grace_ms: Option<u64>,
     pub(super) output_limit_bytes: Option<u64>,
+    pub(super) output_limit_lines: Option<u64>,
     pub(super) max_retries: Option<u64>,
     pub(super) retry_delay_ms: Option<u64>,
     pub(super) connect_timeout_ms: Option<u64>,
+    pub(super) when_unavailable: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -700,6 +700,12 @@ impl Checker<'_> {
                 16 * 1024,
                 0..=16 * 1024 * 1024,
             )? as usize,
+            output_limit_lines: self.range(
+                "handler.output_limit_lines",
+                h.output_limit_lines,
+                100,
+                0..=1_000_000,
+            )? as usize,
             max_retries: self.range("handler.max_retries", h.max_retries, 5, 0..=1_000)? as u32,
             retry_delay: Duration::from_millis(self.range(
                 "handler.retry_delay_ms",
@@ -707,6 +713,16 @@ impl Checker<'_> {
                 1_000,
                 0..=600_000,
             )?),
+            when_unavailable: match h.when_unavailable.as_deref() {
+                None | Some("hold") => WhenUnavailable::Hold,
+                Some("fail") => WhenUnavailable::Fail,
+                Some(other) => {
+                    return Err(self.invalid(
+                        "handler.when_unavailable",
+                        format!("expected \"hold\" or \"fail\", got {other:?}"),
+                    ));
+                }
+            },
         })
     }
 

@@ -19,19 +19,27 @@
 //! being reused), so no process outlives its job.
 //!
 //! Exit status 0 is success, 75 (EX_TEMPFAIL) asks for a retry, anything else (or a signal)
-//! is a failure.
+//! is a failure. A program that cannot be started at all (missing, not executable, its `#!`
+//! interpreter missing, being replaced) makes the job [`HandlerError::Unavailable`]: nothing
+//! ran, and the worker holds its intake until [`Handler::probe`] finds the program startable
+//! again.
+//!
+//! Every wait is bounded by the job's stop time: the spawn runs on a short-lived thread the
+//! pool thread waits for no longer than that (a child that starts after all is killed at
+//! once), and stdin is written without blocking inside the supervising poll.
 
-use super::output::{JobOutput, Stream};
+use super::output::{JobOutput, OutputLimits, Stream};
 use super::{Handler, HandlerError, Job, job_json};
 use crate::clock::now_ms;
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// sysexits' EX_TEMPFAIL: "try again later".
@@ -39,6 +47,10 @@ pub const EXIT_RETRY: i32 = 75;
 
 /// How long a poll waits at most when the kernel has no pidfd to signal the child's exit.
 const EXIT_CHECK_WITHOUT_PIDFD: Duration = Duration::from_millis(5);
+
+/// Log lines of one job's output, unless [`ExecHandler::with_output_limit_lines`] says
+/// otherwise: `handler.output_limit_lines`' default.
+pub const DEFAULT_OUTPUT_LIMIT_LINES: usize = 100;
 
 /// Runs `program args...` per job.
 #[derive(Debug)]
@@ -48,7 +60,7 @@ pub struct ExecHandler {
     /// Every variable a child gets besides the job's facts.
     env: Vec<(OsString, OsString)>,
     kill_grace: Duration,
-    output_limit_bytes: usize,
+    output_limits: OutputLimits,
     /// Process groups of the children running now, for [`Handler::abort_running`].
     running: Mutex<HashSet<libc::pid_t>>,
 }
@@ -68,9 +80,20 @@ impl ExecHandler {
             args,
             env,
             kill_grace,
-            output_limit_bytes,
+            output_limits: OutputLimits {
+                bytes: output_limit_bytes,
+                lines: DEFAULT_OUTPUT_LIMIT_LINES,
+            },
             running: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Logs at most `lines` lines of a job's output (besides the byte limit), so that a child
+    /// writing many short lines cannot flood the journal with records.
+    #[must_use]
+    pub fn with_output_limit_lines(mut self, lines: usize) -> ExecHandler {
+        self.output_limits.lines = lines;
+        self
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashSet<libc::pid_t>> {
@@ -111,12 +134,21 @@ impl Handler for ExecHandler {
     fn handle(&self, job: &Job<'_>) -> Result<(), HandlerError> {
         let now = now_ms();
         let stop_at = job.time_to_stop(now).map(|left| Instant::now() + left);
-        let child = self.command(job, now).spawn().map_err(|e| {
-            HandlerError::Failed(format!("cannot run {}: {e}", self.program.display()))
-        })?;
+        let child = match spawn_within(self.command(job, now), stop_at) {
+            Ok(child) => child,
+            Err(Spawn::TimedOut) => return Err(HandlerError::TimedOut),
+            Err(Spawn::Failed(e)) => {
+                let why = format!("cannot run {}: {e}", self.program.display());
+                return Err(if cannot_start(&e) {
+                    HandlerError::Unavailable(why)
+                } else {
+                    HandlerError::Failed(why)
+                });
+            }
+        };
         let group = child.id() as libc::pid_t;
         self.running().insert(group);
-        let mut output = JobOutput::new(job.display_id(), self.output_limit_bytes);
+        let mut output = JobOutput::new(job.display_id(), self.output_limits);
         let ended = supervise(child, job.body, stop_at, self.kill_grace, &mut output);
         self.running().remove(&group);
         output.finish();
@@ -139,6 +171,125 @@ impl Handler for ExecHandler {
         for &group in self.running().iter() {
             signal_group(group, libc::SIGKILL);
         }
+    }
+
+    /// Whether the program could be started now, checked without running it: it is an
+    /// executable file, and a `#!` script's interpreter is one too.
+    fn probe(&self) -> Result<(), HandlerError> {
+        startable(&self.program).map_err(|why| {
+            HandlerError::Unavailable(format!("cannot run {}: {why}", self.program.display()))
+        })
+    }
+}
+
+/// Whether a spawn error means the program cannot be started at all (so every job would fail
+/// the same way until it is fixed), rather than something about this job or this moment.
+fn cannot_start(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ETXTBSY | libc::ENOTDIR)
+    )
+}
+
+/// Checks what `execve(2)` would refuse with one of [`cannot_start`]'s errors: the program
+/// and, for a script, its interpreter must be executable files.
+fn startable(program: &std::path::Path) -> Result<(), String> {
+    executable(program)?;
+    let mut head = [0u8; 256];
+    let read = std::fs::File::open(program)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| e.to_string())?;
+    let Some(line) = head[..read].strip_prefix(b"#!") else {
+        return Ok(());
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let interpreter = line
+        .split(|b| b.is_ascii_whitespace())
+        .find(|word| !word.is_empty())
+        .ok_or_else(|| "its #! line names no interpreter".to_owned())?;
+    let interpreter = std::path::Path::new(std::ffi::OsStr::from_bytes(interpreter));
+    executable(interpreter)
+        .map_err(|why| format!("its interpreter {}: {why}", interpreter.display()))
+}
+
+/// `access(2)` with `X_OK` on a regular file.
+fn executable(path: &std::path::Path) -> Result<(), String> {
+    let metadata = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !metadata.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "its path holds a NUL byte".to_owned())?;
+    // SAFETY: access(2) reads a NUL-terminated path we own.
+    if unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } != 0 {
+        return Err(io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
+/// Why a child was not started.
+enum Spawn {
+    /// The stop time came first.
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// Where a spawn on its own thread stands, shared with the pool thread that waits for it.
+enum SpawnState {
+    Waiting,
+    Done(io::Result<Child>),
+    /// The pool thread stopped waiting: a child that starts now is killed at once.
+    GivenUp,
+}
+
+/// Starts `command`, waiting no later than `stop_at`. `fork` and `execve` can block (a program
+/// on a hung network file system, a machine short of memory), so with a stop time the spawn
+/// runs on a thread of its own; if the stop time comes first, the child it may still start
+/// is killed with its group and reaped by that thread, so nothing runs for a job given up on.
+fn spawn_within(mut command: Command, stop_at: Option<Instant>) -> Result<Child, Spawn> {
+    let Some(stop_at) = stop_at else {
+        return command.spawn().map_err(Spawn::Failed);
+    };
+    if Instant::now() >= stop_at {
+        return Err(Spawn::TimedOut);
+    }
+    let shared = Arc::new((Mutex::new(SpawnState::Waiting), Condvar::new()));
+    let theirs = Arc::clone(&shared);
+    let started = std::thread::Builder::new()
+        .name("exec-spawn".into())
+        .spawn(move || {
+            let result = command.spawn();
+            let (state, done) = &*theirs;
+            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            if matches!(*state, SpawnState::GivenUp) {
+                if let Ok(mut child) = result {
+                    signal_group(child.id() as libc::pid_t, libc::SIGKILL);
+                    let _ = child.wait();
+                }
+                return;
+            }
+            *state = SpawnState::Done(result);
+            done.notify_one();
+        });
+    if let Err(e) = started {
+        return Err(Spawn::Failed(e));
+    }
+    let (state, done) = &*shared;
+    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        match std::mem::replace(&mut *state, SpawnState::Waiting) {
+            SpawnState::Done(result) => return result.map_err(Spawn::Failed),
+            SpawnState::Waiting | SpawnState::GivenUp => {}
+        }
+        let left = stop_at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            *state = SpawnState::GivenUp;
+            return Err(Spawn::TimedOut);
+        }
+        state = done
+            .wait_timeout(state, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
     }
 }
 
@@ -354,5 +505,25 @@ fn signal_group(group: libc::pid_t, signal: libc::c_int) {
     // SAFETY: kill(2) with a negative pid signals that process group; ESRCH (none left) is fine.
     unsafe {
         libc::kill(-group, signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawn_waits_no_later_than_the_stop_time() {
+        let gone = spawn_within(Command::new("/bin/true"), Some(Instant::now()));
+        assert!(matches!(gone, Err(Spawn::TimedOut)), "nothing started");
+        let in_time = Instant::now() + Duration::from_secs(30);
+        match spawn_within(Command::new("/bin/true"), Some(in_time)) {
+            Ok(mut child) => assert!(child.wait().expect("reaped").success()),
+            Err(_) => panic!("/bin/true did not start"),
+        }
+        match spawn_within(Command::new("/nonexistent/program"), Some(in_time)) {
+            Err(Spawn::Failed(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+            _ => panic!("a missing program started"),
+        }
     }
 }

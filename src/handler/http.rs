@@ -9,19 +9,57 @@
 //! Redirects are not followed (a redirected POST would lose its body or change its method); a
 //! 3xx is a failure whose reason names the new location, so the operator can fix the URL.
 //! Error reasons never quote the URL, which may hold credentials.
+//!
+//! No wait outlasts the job's stop time: the name lookup runs on a thread the pool thread
+//! waits for no longer than that, the TCP connection attempt is bounded by
+//! `connect_timeout_ms` or the time left, whichever is shorter, and the TLS handshake and the
+//! request by the time left. ureq 2 bounds a connection attempt by its agent's connect
+//! timeout alone, whatever the request's deadline, so a job with less time left than
+//! `connect_timeout_ms` is sent through a second agent whose attempts last
+//! [`SHORT_CONNECT_ATTEMPT`], made again while time is left: its connection attempt ends
+//! within that of the stop time. (Nothing is sent before a connection is made, so trying
+//! again cannot send a job twice.)
+//!
+//! A connection refused or reset before any response, a name that does not resolve, or a
+//! connection attempt that times out before the job's stop time means the service is not
+//! there: the job is [`HandlerError::Unavailable`] (nothing was answered), and
+//! [`Handler::probe`] is a TCP connection attempt to the service's address.
 
 use super::{Handler, HandlerError, Job};
 use crate::clock::now_ms;
-use std::io::Read;
-use std::time::Duration;
+use std::cell::Cell;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
 
 /// How much of a response body is read (and discarded) so the connection can be reused.
 const RESPONSE_DRAIN_BYTES: u64 = 1024 * 1024;
 
+/// One connection attempt of a job with less time left than `connect_timeout_ms`: how far
+/// past its stop time such an attempt may end.
+const SHORT_CONNECT_ATTEMPT: Duration = Duration::from_millis(100);
+
+/// Longest wait for one probe's connection attempt, whatever `connect_timeout_ms` says: a
+/// service that takes longer to accept is not ready for jobs.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+thread_local! {
+    /// When the connection attempt of the request this pool thread is sending must be over:
+    /// the name lookup (which ureq does not bound) waits no later than this.
+    static CONNECT_BY: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
 /// POSTs each job to `url`.
 pub struct HttpHandler {
     url: String,
+    /// Connects within `connect_timeout`: for jobs with at least that much time left.
     agent: ureq::Agent,
+    /// Connects in attempts of [`SHORT_CONNECT_ATTEMPT`]: for jobs with less time left than
+    /// `connect_timeout`.
+    short_agent: ureq::Agent,
+    connect_timeout: Duration,
+    /// Host and port of `url`, for the probe.
+    service: Option<(String, u16)>,
 }
 
 impl std::fmt::Debug for HttpHandler {
@@ -33,48 +71,192 @@ impl std::fmt::Debug for HttpHandler {
 impl HttpHandler {
     /// `pool_threads` idle connections are kept, one per pool thread.
     pub fn new(url: String, connect_timeout: Duration, pool_threads: usize) -> HttpHandler {
-        let agent = ureq::AgentBuilder::new()
-            .redirects(0)
-            .timeout_connect(connect_timeout)
-            .max_idle_connections(pool_threads)
-            .max_idle_connections_per_host(pool_threads)
-            .user_agent(concat!("flagshed/", env!("CARGO_PKG_VERSION")))
-            .build();
-        HttpHandler { url, agent }
+        let builder = || {
+            ureq::AgentBuilder::new()
+                .redirects(0)
+                .resolver(resolve_in_time)
+                .max_idle_connections(pool_threads)
+                .max_idle_connections_per_host(pool_threads)
+                .user_agent(concat!("flagshed/", env!("CARGO_PKG_VERSION")))
+        };
+        let service = url::Url::parse(&url).ok().and_then(|u| {
+            Some((
+                u.host_str()?.trim_matches(['[', ']']).to_owned(),
+                u.port_or_known_default()?,
+            ))
+        });
+        HttpHandler {
+            url,
+            agent: builder().timeout_connect(connect_timeout).build(),
+            short_agent: builder()
+                .timeout_connect(SHORT_CONNECT_ATTEMPT.min(connect_timeout))
+                .build(),
+            connect_timeout,
+            service,
+        }
+    }
+
+    /// The request for a job with `left` until it must stop, and whether its connection
+    /// attempt is made in short steps (see the module's documentation). It is sent while a
+    /// [`ConnectWithin`] lives, with its timeout set just before each attempt.
+    fn request(&self, left: Option<Duration>, headers: &[(&str, &str)]) -> (ureq::Request, bool) {
+        let short = left.is_some_and(|left| left < self.connect_timeout);
+        let agent = if short {
+            &self.short_agent
+        } else {
+            &self.agent
+        };
+        let mut request = agent.post(&self.url);
+        for (name, value) in headers {
+            request = request.set(name, value);
+        }
+        (request, short)
+    }
+}
+
+/// Whether a request failed because its connection attempt ran out of time.
+fn connect_timed_out(result: &Result<ureq::Response, ureq::Error>) -> bool {
+    match result {
+        Err(ureq::Error::Transport(e)) => {
+            e.kind() == ureq::ErrorKind::ConnectionFailed
+                && io_cause(e).is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        }
+        _ => false,
+    }
+}
+
+/// While it lives, the name lookups of this pool thread's requests end within the time it was
+/// made with ([`CONNECT_BY`]).
+struct ConnectWithin;
+
+impl ConnectWithin {
+    fn new(within: Duration) -> ConnectWithin {
+        CONNECT_BY.with(|by| by.set(Instant::now().checked_add(within)));
+        ConnectWithin
+    }
+}
+
+impl Drop for ConnectWithin {
+    fn drop(&mut self) {
+        CONNECT_BY.with(|by| by.set(None));
+    }
+}
+
+/// The name lookup, bounded by [`CONNECT_BY`]: `getaddrinfo(3)` has no timeout of its own, so
+/// it runs on a thread of its own that is left to finish alone if the time runs out. An
+/// address given as numbers needs no lookup.
+fn resolve_in_time(netloc: &str) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(address) = netloc.parse::<SocketAddr>() {
+        return Ok(vec![address]);
+    }
+    let Some(by) = CONNECT_BY.with(Cell::get) else {
+        return netloc.to_socket_addrs().map(Iterator::collect);
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let name = netloc.to_owned();
+    std::thread::Builder::new()
+        .name("http-lookup".into())
+        .spawn(move || {
+            let _ = tx.send(name.to_socket_addrs().map(Iterator::collect));
+        })?;
+    rx.recv_timeout(by.saturating_duration_since(Instant::now()))
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the name lookup outlasted the connection's time",
+            ))
+        })
+}
+
+/// The I/O error under a ureq transport error, if there is one.
+fn io_cause(e: &ureq::Transport) -> Option<&io::Error> {
+    std::error::Error::source(e)?.downcast_ref::<io::Error>()
+}
+
+/// Whether a transport error says the service is not there, rather than something about
+/// this request: nothing was answered, and every job would meet the same.
+fn service_absent(e: &ureq::Transport) -> bool {
+    let io_kind = io_cause(e).map(io::Error::kind);
+    match e.kind() {
+        ureq::ErrorKind::Dns => true,
+        ureq::ErrorKind::ConnectionFailed => matches!(
+            io_kind,
+            Some(
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::AddrNotAvailable
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            )
+        ),
+        // A connection the service closed before it answered (a restart drops its
+        // keep-alive connections): reset, aborted, or the stream ending before a status line.
+        ureq::ErrorKind::Io | ureq::ErrorKind::BadStatus => matches!(
+            io_kind,
+            Some(
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            )
+        ),
+        _ => false,
     }
 }
 
 impl Handler for HttpHandler {
     fn handle(&self, job: &Job<'_>) -> Result<(), HandlerError> {
         let now = now_ms();
-        let mut request = self
-            .agent
-            .post(&self.url)
-            .set(
+        if job.time_to_stop(now).is_some_and(|left| left.is_zero()) {
+            return Err(HandlerError::TimedOut);
+        }
+        let id = header_value(job.id.unwrap_or(""));
+        let job_type = header_value(job.job_type);
+        let (deadline, time_left) = match job.deadline_ms {
+            Some(deadline) => (
+                deadline.to_string(),
+                deadline.saturating_sub(now).to_string(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let mut headers = vec![
+            (
                 "Content-Type",
                 job.properties
                     .content_type()
                     .as_deref()
                     .filter(|t| is_header_safe(t))
                     .unwrap_or("application/octet-stream"),
-            )
-            .set("X-Flagshed-Job-Id", &header_value(job.id.unwrap_or("")))
-            .set("X-Flagshed-Job-Type", &header_value(job.job_type));
-        if let Some(deadline) = job.deadline_ms {
-            request = request
-                .set("X-Flagshed-Deadline-Ms", &deadline.to_string())
-                .set(
-                    "X-Flagshed-Time-Left-Ms",
-                    &deadline.saturating_sub(now).to_string(),
-                );
+            ),
+            ("X-Flagshed-Job-Id", id.as_str()),
+            ("X-Flagshed-Job-Type", job_type.as_str()),
+        ];
+        if job.deadline_ms.is_some() {
+            headers.push(("X-Flagshed-Deadline-Ms", deadline.as_str()));
+            headers.push(("X-Flagshed-Time-Left-Ms", time_left.as_str()));
         }
-        if let Some(left) = job.time_to_stop(now) {
-            if left.is_zero() {
-                return Err(HandlerError::TimedOut);
+        let left = job.time_to_stop(now);
+        let stop_at = left.map(|left| Instant::now() + left);
+        let (request, short) = self.request(left, &headers);
+        let connect_within = left.map_or(self.connect_timeout, |l| l.min(self.connect_timeout));
+        let _lookups = ConnectWithin::new(connect_within);
+        let result = loop {
+            let mut attempt = request.clone();
+            if let Some(stop_at) = stop_at {
+                let left = stop_at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(HandlerError::TimedOut);
+                }
+                attempt = attempt.timeout(left);
             }
-            request = request.timeout(left);
-        }
-        match request.send_bytes(job.body) {
+            let result = attempt.send_bytes(job.body);
+            if !(short && connect_timed_out(&result)) {
+                break result;
+            }
+        };
+        match result {
             Ok(response) => {
                 let status = response.status();
                 let location = response.header("Location").map(header_value);
@@ -106,9 +288,38 @@ impl Handler for HttpHandler {
                 if let Some(source) = std::error::Error::source(&e) {
                     why = format!("{why}: {source}");
                 }
-                Err(HandlerError::Failed(why))
+                if service_absent(&e) {
+                    Err(HandlerError::Unavailable(why))
+                } else {
+                    Err(HandlerError::Failed(why))
+                }
             }
         }
+    }
+
+    /// A TCP connection to the service's address, within `connect_timeout_ms` (at most 2 s).
+    fn probe(&self) -> Result<(), HandlerError> {
+        let Some((host, port)) = &self.service else {
+            return Ok(());
+        };
+        let unavailable =
+            |why: String| HandlerError::Unavailable(format!("Connection Failed: {why}"));
+        let addresses: Vec<SocketAddr> = (host.as_str(), *port)
+            .to_socket_addrs()
+            .map_err(|e| unavailable(e.to_string()))?
+            .collect();
+        let within = self.connect_timeout.min(PROBE_CONNECT_TIMEOUT);
+        let mut last = None;
+        for address in addresses {
+            match TcpStream::connect_timeout(&address, within) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(unavailable(last.map_or_else(
+            || "no address for the service".to_owned(),
+            |e| e.to_string(),
+        )))
     }
 }
 

@@ -42,6 +42,24 @@ pub enum HandlerError {
     Retry(String),
     /// Still running when it had to stop ([`Job::stop_at_ms`]): it ends `timed_out`.
     TimedOut,
+    /// The job did not run because what it needs cannot be reached (an http service refusing
+    /// or resetting connections before any response, an exec program that cannot be
+    /// started): every job would fail the same way. With `handler.when_unavailable = "hold"`
+    /// the job goes back to the queue and the worker takes no new jobs until
+    /// [`Handler::probe`] succeeds; with `"fail"` the job ends `failed`.
+    Unavailable(String),
+}
+
+impl HandlerError {
+    /// The kind of failure, for grouping warnings: the reason, or `"timed out"`.
+    pub fn cause(&self) -> &str {
+        match self {
+            HandlerError::Failed(why)
+            | HandlerError::Retry(why)
+            | HandlerError::Unavailable(why) => why,
+            HandlerError::TimedOut => "timed out",
+        }
+    }
 }
 
 impl fmt::Display for HandlerError {
@@ -50,6 +68,7 @@ impl fmt::Display for HandlerError {
             HandlerError::Failed(why) => f.write_str(why),
             HandlerError::Retry(why) => write!(f, "asked to retry: {why}"),
             HandlerError::TimedOut => f.write_str("stopped at its deadline"),
+            HandlerError::Unavailable(why) => write!(f, "unavailable: {why}"),
         }
     }
 }
@@ -67,6 +86,16 @@ pub trait Handler: Send + Sync {
     /// SIGTERM, or the drain's grace period over): end what they started, so nothing outlives
     /// the daemon. Their deliveries go back to the queue.
     fn abort_running(&self) {}
+
+    /// Whether what the handler needs answers again, after a job returned
+    /// [`HandlerError::Unavailable`]: `Ok` lets the worker take jobs again. Called on a
+    /// thread of its own, with backoff, while intake is held, never alongside a job's retry
+    /// storm; it should be cheap and bounded in time (a connection attempt, a file check),
+    /// and must not run a job. The default says yes at once, so a handler that never returns
+    /// `Unavailable` need not implement it.
+    fn probe(&self) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 /// A job as its handler sees it. Borrowed from the worker's copy of the delivery, so that

@@ -13,7 +13,7 @@ use crate::flags::FlagValues;
 use crate::handler::estimate::{TypeSlot, WorkEstimates};
 use crate::ledger::Outcome;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 
 const OUTCOMES: usize = Outcome::ALL.len();
@@ -54,6 +54,8 @@ struct Shared {
     handler: Histogram,
     lateness: Histogram,
     broker: BrokerGauge,
+    /// Whether intake is held because the handler found its service unavailable.
+    handler_unavailable: AtomicBool,
 }
 
 impl WorkerMetrics {
@@ -76,6 +78,7 @@ impl WorkerMetrics {
             handler: Histogram::new(&JOB_BOUNDS_US),
             lateness: Histogram::new(&JOB_BOUNDS_US),
             broker: BrokerGauge::default(),
+            handler_unavailable: AtomicBool::new(false),
         };
         WorkerMetrics {
             shared: Arc::new(shared),
@@ -180,6 +183,12 @@ impl WorkerMetrics {
     /// Connected to `node`, or (`None`) not connected.
     pub fn broker(&self, node: Option<&str>) {
         self.shared.broker.set(node);
+    }
+
+    /// Intake is held (`true`) because the handler found its service unavailable, or taken up
+    /// again (`false`).
+    pub fn handler_unavailable(&self, held: bool) {
+        self.shared.handler_unavailable.store(held, Relaxed);
     }
 
     #[cold]
@@ -349,6 +358,16 @@ impl Scrape for Shared {
             self.values
                 .concurrency()
                 .map_or(self.pool_threads as u64, u64::from),
+        );
+        text.family(
+            "flagshed_worker_handler_unavailable",
+            Kind::Gauge,
+            "1 while intake is held because the handler found its service unavailable (handler.when_unavailable = \"hold\"), else 0.",
+        );
+        text.int(
+            "flagshed_worker_handler_unavailable",
+            &[],
+            u64::from(self.handler_unavailable.load(Relaxed)),
         );
         self.broker.render(text);
         common::render_flags(text, &self.values, true);

@@ -16,10 +16,24 @@
 //! `returned`. Each connection has a generation number that tasks carry, so a job that was
 //! running across a reconnect is recognised when it completes.
 //!
+//! No job leaves without a recorded final state: a job is never handed back to the queue
+//! (a retry, a drain, a pause, a held intake, a lost connection) past its deadline or its
+//! AMQP expiration, where RabbitMQ would drop it unseen; it is recorded `expired` instead
+//! ([`settle::in_time`]), and acked or rejected as the shed action says when the channel
+//! still lives.
+//!
+//! When the handler says the service it needs is unavailable, the job goes back to the queue
+//! and intake stops as a pause stops it (unless `handler.when_unavailable = "fail"`): the
+//! consumer is cancelled, unstarted jobs go back, running ones finish; the [`handler_probe`]
+//! thread asks the handler with backoff whether the service answers, and intake resumes when
+//! it does.
+//!
 //! By thread: this module is the consumer thread's loop; [`pool`] is what the pool threads
-//! run; [`settle`] maps outcomes to acks, rejects and requeues.
+//! run; [`settle`] maps outcomes to acks, rejects and requeues; [`handler_probe`] is the
+//! thread that probes an unavailable handler.
 
 mod pool;
+mod handler_probe;
 mod settle;
 mod tasks;
 
@@ -27,12 +41,12 @@ use crate::ack_window::AckWindow;
 use crate::audit::AuditLog;
 use crate::broker::{self, BrokerError, Session, SessionEnd, Supervised};
 use crate::clock::now_ms;
-use crate::config::{Config, ShedAction};
+use crate::config::{Config, ShedAction, WhenUnavailable};
 use crate::flag_source::FlagSource;
 use crate::flags::{FlagValues, Tally, Watched};
 use crate::gate::Gate;
-use crate::handler::Handler;
 use crate::handler::estimate::{Doomed, Observed, ShutOut, TypeSlot, WorkEstimates};
+use crate::handler::{Handler, HandlerError};
 use crate::job::{self, JobDefaults, JobMeta};
 use crate::ledger::{Outcome, WorkerLedger};
 use crate::metrics::WorkerMetrics;
@@ -45,9 +59,10 @@ use crate::throttle::Throttle;
 use amiquip::{Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, bounded, never, select, tick};
 use pool::{Completion, Task, start_pool};
+use handler_probe::HandlerProbe;
+use settle::{Held, delivery_count, disposition, in_time, past, send_frame};
+use std::collections::{HashSet, VecDeque};
 use tasks::TaskQueue;
-use settle::{delivery_count, disposition, send_frame};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +89,8 @@ struct Policy {
     enforce_deadline: bool,
     max_retries: u32,
     retry_delay: Duration,
+    /// Hold intake when the handler is unavailable (else fail the job).
+    hold_when_unavailable: bool,
 }
 
 impl Policy {
@@ -88,6 +105,7 @@ impl Policy {
             enforce_deadline: config.handler.enforce_deadline,
             max_retries: config.handler.max_retries,
             retry_delay: config.handler.retry_delay,
+            hold_when_unavailable: config.handler.when_unavailable == WhenUnavailable::Hold,
         }
     }
 }
@@ -125,6 +143,7 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         &env.handler,
     )?;
     drop(done_tx);
+    let handler_probe = HandlerProbe::start(&env.handler)?;
 
     let audit = config.worker.ledger_file.as_deref().map(AuditLog::open);
     let estimates = WorkEstimates::new(config.worker.estimate, config.worker.max_job_types);
@@ -140,6 +159,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         ack_batch: usize::from(prefetch / 4).max(1),
         flush_at: None,
         stale_running: 0,
+        settled_at_loss: HashSet::new(),
+        handed_back_late: 0,
         ledger: WorkerLedger::default(),
         draining: None,
         cancelled: false,
@@ -148,6 +169,8 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
         malformed_warnings: Throttle::new("malformed jobs"),
         failure_warnings: Throttle::new("failed jobs"),
         audit,
+        handler_probe,
+        unavailable: None,
         estimates,
         retries: RetryCounts::new(RETRY_COUNTS_KEPT),
         retry_later: VecDeque::new(),
@@ -162,15 +185,17 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     worker.hand_over_tally();
     worker.malformed_warnings.finish();
     worker.failure_warnings.finish();
+    // What is still held goes back to the queue when the connection closes.
+    let unsettled = worker.let_go(now_ms());
     let Worker {
         ledger,
-        window,
         stale_running,
         tasks,
+        handed_back_late,
         ..
     } = worker;
     tasks.close();
-    let abandoned = window.held() as u64 + stale_running;
+    let abandoned = unsettled + stale_running;
     if abandoned == 0 {
         for thread in pool {
             let _ = thread.join();
@@ -182,8 +207,9 @@ pub fn run(config: Config, env: WorkerEnv<'_>) -> Result<WorkerLedger, DaemonErr
     let mut line = String::from("final role=worker ");
     ledger.write_fields(&mut line);
     line.push_str(&format!(
-        " returned_unacked={abandoned} balanced={}",
+        " returned_unacked={abandoned} handed_back_late={handed_back_late} balanced={}",
         ledger.received == ledger.settled() + ledger.returned + abandoned
+            && handed_back_late == 0
     ));
     log::info!("{line}");
     match refused {
@@ -202,15 +228,22 @@ struct Worker<'e, 'a> {
     stats: StatsTicker,
     /// Counts connections; tasks carry it so completions from a dead channel are recognised.
     generation: u64,
-    /// Deliveries held on this connection (with their job type's slot), running or decided,
-    /// and the batching of their acks.
-    window: AckWindow<(Delivery, TypeSlot), Outcome>,
+    /// Deliveries held on this connection, running or decided, and the batching of their
+    /// acks.
+    window: AckWindow<Held, Outcome>,
     /// Decisions waiting for a flush that make one worth doing at once.
     ack_batch: usize,
     /// When waiting decisions must be flushed at the latest.
     flush_at: Option<Instant>,
     /// Tasks of earlier generations still running in the pool.
     stale_running: u64,
+    /// Running jobs of a lost connection that were recorded when it was lost (by generation
+    /// and tag), because RabbitMQ drops them: their completions count nothing more.
+    settled_at_loss: HashSet<(u64, u64)>,
+    /// Hand-backs sent for jobs already past their deadline or expiration: none, unless a
+    /// path to the broker skips [`settle::in_time`]. Any makes the final line unbalanced, so
+    /// tests catch such a path.
+    handed_back_late: u64,
     ledger: WorkerLedger,
     /// When draining, the moment the grace period ends.
     draining: Option<Instant>,
@@ -224,6 +257,10 @@ struct Worker<'e, 'a> {
     malformed_warnings: Throttle,
     failure_warnings: Throttle,
     audit: Option<AuditLog>,
+    /// Asks an unavailable handler, with backoff, whether it answers again.
+    handler_probe: HandlerProbe,
+    /// Since when, and why, the handler is unavailable and intake held.
+    unavailable: Option<(Instant, String)>,
     /// What has been learned of work times, per job type.
     estimates: WorkEstimates,
     retries: RetryCounts,
@@ -232,11 +269,38 @@ struct Worker<'e, 'a> {
     retry_later: VecDeque<(Instant, u64)>,
     /// How many pool threads run jobs at once (the concurrency lever).
     gate: Arc<Gate>,
-    /// Whether the pause lever has stopped this consumer; deliveries still arriving go back.
+    /// Whether intake is stopped (by the pause lever, or because the handler is unavailable)
+    /// and the consumer cancelled; deliveries still arriving go back.
     paused: bool,
     /// Uses of each skip-rate evaluation, one per job decided, for LaunchDarkly's events.
     skip_uses: Tally,
     tally_tick: Receiver<Instant>,
+}
+
+/// Where a settled delivery is counted: the ledger, the audit trail and the metrics, which
+/// must always agree.
+struct Recorder<'r> {
+    ledger: &'r mut WorkerLedger,
+    audit: Option<&'r mut AuditLog>,
+    metrics: Option<&'r WorkerMetrics>,
+    estimates: &'r WorkEstimates,
+    default_work_ms: u64,
+}
+
+impl Recorder<'_> {
+    /// Counts `held` as settled in `outcome`.
+    fn record(self, held: &Held, outcome: Outcome) {
+        if let Some(audit) = self.audit {
+            audit.record(
+                held.delivery.properties.message_id().as_deref(),
+                outcome.as_str(),
+            );
+        }
+        self.ledger.record(outcome);
+        if let Some(metrics) = self.metrics {
+            metrics.settled(self.estimates, held.slot, outcome, self.default_work_ms);
+        }
+    }
 }
 
 /// A one-shot timer for the select loop, remade only when its moment changes: a fresh
@@ -334,23 +398,54 @@ impl Supervised for Worker<'_, '_> {
         }
     }
 
-    /// The deliveries of a dead connection can no longer be settled; the broker requeues them.
+    /// The deliveries of a dead connection can no longer be settled; the broker requeues
+    /// them, and drops those past their deadline or expiration, whose final state is
+    /// therefore recorded here and now.
     fn session_lost(&mut self, reason: &str) {
-        let unstarted = std::iter::from_fn(|| self.tasks.try_pop()).count() as u64;
-        let (unsent, held_undecided) = self.window.abandon();
-        let delayed = self.retry_later.drain(..).count() as u64;
-        let running = held_undecided as u64 - unstarted - delayed;
-        self.ledger.returned += unsent as u64 + unstarted + delayed;
+        let now = now_ms();
+        // Jobs not started, or waiting for their retry: nothing of theirs will complete.
+        let mut idle: HashSet<u64> = std::iter::from_fn(|| self.tasks.try_pop())
+            .map(|task| task.tag)
+            .collect();
+        idle.extend(self.retry_later.drain(..).map(|(_, tag)| tag));
+        let generation = self.generation;
+        let (mut returned, mut running, mut dropped) = (0, 0, Vec::new());
+        let settled_at_loss = &mut self.settled_at_loss;
+        self.window.abandon(|held, decision| {
+            let tag = held.delivery.delivery_tag();
+            let is_running = decision.is_none() && !idle.contains(&tag);
+            if is_running {
+                running += 1;
+            }
+            if past(held.keep_until_ms, now) {
+                let handed_back = decision.unwrap_or(Outcome::Requeued);
+                let outcome = in_time(handed_back, held.keep_until_ms, now);
+                if is_running {
+                    settled_at_loss.insert((generation, tag));
+                }
+                dropped.push((held, outcome));
+            } else if !is_running {
+                returned += 1;
+            }
+        });
+        for (held, outcome) in &dropped {
+            self.record_without_frame(held, *outcome);
+        }
+        self.ledger.returned += returned;
         if let Some(metrics) = &self.env.metrics {
-            metrics.returned(unsent as u64 + unstarted + delayed);
+            metrics.returned(returned);
         }
         self.stale_running += running;
         self.flush_at = None;
         self.link.lost(reason, self.env.notifier, || {
-            format!(
-                "{} unsettled jobs go back to the queue",
-                unsent as u64 + unstarted + running
-            )
+            let mut why = format!("{} unsettled jobs go back to the queue", returned + running);
+            if !dropped.is_empty() {
+                why.push_str(&format!(
+                    "; {} past their deadline or expiration are recorded as RabbitMQ drops them",
+                    dropped.len()
+                ));
+            }
+            why
         });
         if let Some(metrics) = &self.env.metrics {
             metrics.broker(None);
@@ -384,6 +479,7 @@ impl Worker<'_, '_> {
         let done_rx = self.done_rx.clone();
         let signals = self.env.signals.clone();
         let levers = self.env.flags.levers_changed().clone();
+        let answers = self.handler_probe.answers().clone();
         let (mut grace_timer, mut flush_timer, mut retry_timer) =
             (Timer::default(), Timer::default(), Timer::default());
         let tally_tick = self.tally_tick.clone();
@@ -476,6 +572,7 @@ impl Worker<'_, '_> {
                     }
                 }
                 recv(tally_tick) -> _ => self.hand_over_tally(),
+                recv(answers) -> _ => self.handler_answers(),
             }
             if let Some(end) = self.after_event(consumer) {
                 return end;
@@ -522,6 +619,12 @@ impl Worker<'_, '_> {
     /// After every event: send what is due to the broker, and end the pass when a drain is
     /// complete or a pause is lifted.
     fn after_event(&mut self, consumer: Option<&Consumer<'_>>) -> Option<PassEnd> {
+        if self.unavailable.is_some() && !self.paused && self.draining.is_none() {
+            // The handler just became unavailable: intake stops as a pause stops it.
+            if let Some(end) = self.apply_levers(consumer) {
+                return Some(end);
+            }
+        }
         if let Some(consumer) = consumer {
             if let Err(reason) = self.maybe_flush(consumer) {
                 return Some(SessionEnd::Lost(reason).into());
@@ -533,6 +636,7 @@ impl Worker<'_, '_> {
         if self.paused
             && self.cancelled
             && self.draining.is_none()
+            && self.unavailable.is_none()
             && !self.env.values.paused().unwrap_or(false)
         {
             return Some(PassEnd::Resume);
@@ -541,8 +645,9 @@ impl Worker<'_, '_> {
     }
 
     /// Applies the lever flags: the pool's concurrency, and pausing (cancel the consumer,
-    /// hand unstarted jobs back, let running ones finish and be acked). Lifting a pause is
-    /// done by the loop once the broker has confirmed the cancel.
+    /// hand unstarted jobs back, let running ones finish and be acked), which an unavailable
+    /// handler asks for too. Lifting a pause is done by the loop once the broker has
+    /// confirmed the cancel.
     fn apply_levers(&mut self, consumer: Option<&Consumer<'_>>) -> Option<PassEnd> {
         let limit = self
             .env
@@ -555,13 +660,16 @@ impl Worker<'_, '_> {
         }
         self.apply_objective();
         let consumer = consumer?;
-        if self.env.values.paused() == Some(true) && !self.paused && self.draining.is_none() {
+        let lever = self.env.values.paused() == Some(true);
+        if (lever || self.unavailable.is_some()) && !self.paused && self.draining.is_none() {
             self.paused = true;
-            log::info!(
-                "paused by flag: taking no new jobs; {} held jobs are finished or handed back",
-                self.window.held()
-            );
-            self.env.notifier.status("paused by flag");
+            if lever {
+                log::info!(
+                    "paused by flag: taking no new jobs; {} held jobs are finished or handed back",
+                    self.window.held()
+                );
+                self.env.notifier.status("paused by flag");
+            }
             if let Err(e) = consumer.cancel() {
                 return Some(SessionEnd::Lost(format!("cancelling the consumer: {e}")).into());
             }
@@ -628,7 +736,11 @@ impl Worker<'_, '_> {
             }
         }
         if self.draining.is_some() || self.paused {
-            self.window.hold(tag, (delivery, slot));
+            let defaults = self.policy.defaults;
+            let keep_until_ms = job::parse(&delivery.properties, now_ms(), tag, defaults)
+                .ok()
+                .and_then(|meta| job::keep_until_ms(&meta, &delivery.properties));
+            self.window.hold(tag, Held::new(delivery, slot, keep_until_ms));
             self.window.decide(tag, Outcome::Requeued);
             return;
         }
@@ -642,7 +754,7 @@ impl Worker<'_, '_> {
             Ok(meta) => meta,
             Err(why) => {
                 self.warn_malformed(&delivery, &why);
-                self.window.hold(tag, (delivery, slot));
+                self.window.hold(tag, Held::new(delivery, slot, None));
                 self.window.decide(tag, Outcome::Malformed);
                 return;
             }
@@ -699,7 +811,9 @@ impl Worker<'_, '_> {
                 let properties = std::mem::take(&mut delivery.properties);
                 delivery.properties = settle::kept_for_settling(&properties);
                 let redelivered = delivery.redelivered;
-                self.window.hold(tag, (delivery, slot));
+                let keep_until_ms = job::keep_until_ms(&meta, &properties);
+                self.window
+                    .hold(tag, Held::new(delivery, slot, keep_until_ms));
                 let task = Task {
                     generation: self.generation,
                     tag,
@@ -721,7 +835,7 @@ impl Worker<'_, '_> {
                     Verdict::Doomed => Outcome::Doomed,
                     _ => Outcome::Skipped,
                 };
-                self.window.hold(tag, (delivery, slot));
+                self.window.hold(tag, Held::new(delivery, slot, None));
                 self.window.decide(tag, outcome);
             }
         }
@@ -729,8 +843,18 @@ impl Worker<'_, '_> {
 
     fn on_completion(&mut self, connected: bool, completion: Completion) {
         if completion.generation != self.generation || !connected {
-            // Its channel is gone; the broker has already put the job back in the queue.
+            // Its channel is gone; the broker has already put the job back in the queue, or
+            // dropped it, and then it was recorded when the connection was lost.
             self.stale_running = self.stale_running.saturating_sub(1);
+            let recorded = self
+                .settled_at_loss
+                .remove(&(completion.generation, completion.tag));
+            if self.stale_running == 0 {
+                self.settled_at_loss.clear();
+            }
+            if recorded {
+                return;
+            }
             self.ledger.returned += 1;
             if let Some(metrics) = &self.env.metrics {
                 metrics.returned(1);
@@ -785,7 +909,7 @@ impl Worker<'_, '_> {
             let earlier = self
                 .window
                 .get(completion.tag)
-                .map_or(0, |(d, _)| delivery_count(&d.properties));
+                .map_or(0, |held| delivery_count(&held.delivery.properties));
             let retries = self.retries.bump(completion.retry_key, earlier);
             if retries > self.policy.max_retries {
                 outcome = Outcome::Failed;
@@ -795,17 +919,45 @@ impl Worker<'_, '_> {
         if outcome != Outcome::Retried {
             self.retries.forget(completion.retry_key);
         }
-        if let Some(why) = &completion.failure {
+        if let Some(HandlerError::Unavailable(why)) = &completion.failure {
+            if !self.policy.hold_when_unavailable {
+                outcome = Outcome::Failed;
+            } else if self.unavailable.is_none() && self.draining.is_none() {
+                self.hold_intake(why);
+            }
+        }
+        // The retry would come after the job's deadline or expiration: it ends now.
+        let retry_ms = u64::try_from(self.policy.retry_delay.as_millis()).unwrap_or(u64::MAX);
+        let too_late_to_retry = outcome == Outcome::Retried
+            && past(completion.keep_until_ms, now_ms().saturating_add(retry_ms));
+        if too_late_to_retry {
+            outcome = Outcome::Expired;
+            self.retries.forget(completion.retry_key);
+        }
+        if let Some(why) = completion.failure.as_ref().filter(|_| outcome != Outcome::Requeued) {
             let window = &self.window;
-            self.failure_warnings.warn(|| {
-                let id = window
-                    .get(completion.tag)
-                    .and_then(|(d, _)| d.properties.message_id().as_deref());
-                let id = id.unwrap_or("(no message_id)");
-                match gave_up {
-                    Some(n) => format!("job {id:?} failed: {why}, after {n} retries"),
-                    None if outcome == Outcome::Retried => format!("job {id:?} {why}"),
-                    None => format!("job {id:?} failed: {why}"),
+            let cause = match (gave_up, too_late_to_retry) {
+                (Some(_), _) => format!("{} (retries used up)", why.cause()),
+                (None, true) => format!("{} (too late to retry)", why.cause()),
+                (None, false) => why.cause().to_owned(),
+            };
+            let worked_ms = completion.worked_ms;
+            let id = window
+                .get(completion.tag)
+                .and_then(|held| held.delivery.properties.message_id().as_deref())
+                .unwrap_or("(no message_id)");
+            self.failure_warnings.warn_about(&cause, id, || {
+                match (gave_up, outcome) {
+                    (Some(n), _) => format!("job {id:?} failed: {why}, after {n} retries"),
+                    (None, Outcome::Expired) => format!(
+                        "job {id:?} expired: {why}, but its deadline or expiration comes \
+                         before handler.retry_delay_ms is over"
+                    ),
+                    (None, Outcome::Retried) => format!("job {id:?} {why}"),
+                    (None, Outcome::TimedOut) => {
+                        format!("job {id:?} timed_out: {why} after {worked_ms} ms")
+                    }
+                    (None, _) => format!("job {id:?} failed: {why}"),
                 }
             });
         }
@@ -819,6 +971,38 @@ impl Worker<'_, '_> {
         if !self.window.decide(completion.tag, outcome) {
             // Only possible if a tag were decided twice: a bug, never input.
             log::error!("completion for unknown delivery tag {}", completion.tag);
+        }
+    }
+
+    /// The handler said the service it needs is unavailable: intake stops (the consumer is
+    /// cancelled after this event, as a pause does) and the probe thread starts asking.
+    fn hold_intake(&mut self, why: &str) {
+        log::warn!(
+            "handler unavailable ({why}): taking no new jobs until it answers; unstarted jobs \
+             go back to the queue, running ones finish (handler.when_unavailable)"
+        );
+        self.env
+            .notifier
+            .status("holding intake: the handler is unavailable");
+        self.unavailable = Some((Instant::now(), why.to_owned()));
+        self.handler_probe.probe();
+        if let Some(metrics) = &self.env.metrics {
+            metrics.handler_unavailable(true);
+        }
+    }
+
+    /// The probe found the handler's service answering: intake resumes once the broker has
+    /// confirmed the cancel (and unless the pause lever holds it).
+    fn handler_answers(&mut self) {
+        let Some((since, _)) = self.unavailable.take() else {
+            return;
+        };
+        log::warn!(
+            "handler answers again after {:.1} s: taking jobs again",
+            since.elapsed().as_secs_f64()
+        );
+        if let Some(metrics) = &self.env.metrics {
+            metrics.handler_unavailable(false);
         }
     }
 
@@ -849,12 +1033,17 @@ impl Worker<'_, '_> {
         self.flush_at = None;
         let shed_action = self.policy.shed_action;
         let default_work_ms = self.policy.defaults.work_ms;
+        // Every frame passes here: a hand-back that would come too late becomes `expired`.
+        let now = now_ms();
+        self.window
+            .revise(|held, outcome| in_time(outcome, held.keep_until_ms, now));
         let Worker {
             window,
             ledger,
             audit,
             estimates,
             env,
+            handed_back_late,
             ..
         } = self;
         // Both closures below write to the audit trail: lines as jobs settle, and a flush to
@@ -863,26 +1052,65 @@ impl Worker<'_, '_> {
         window
             .flush(
                 |outcome| disposition(outcome, shed_action),
-                |(delivery, slot), outcome| {
-                    if let Some(audit) = audit.borrow_mut().as_mut() {
-                        audit.record(
-                            delivery.properties.message_id().as_deref(),
-                            outcome.as_str(),
-                        );
+                |held, outcome| {
+                    if !outcome.is_final() && past(held.keep_until_ms, now) {
+                        *handed_back_late += 1;
                     }
-                    ledger.record(outcome);
-                    if let Some(metrics) = &env.metrics {
-                        metrics.settled(estimates, *slot, outcome, default_work_ms);
-                    }
+                    let mut audit = audit.borrow_mut();
+                    let recorder = Recorder {
+                        ledger: &mut *ledger,
+                        audit: audit.as_deref_mut(),
+                        metrics: env.metrics.as_ref(),
+                        estimates,
+                        default_work_ms,
+                    };
+                    recorder.record(held, outcome);
                 },
-                |(delivery, _), disposition, multiple| {
+                |held, disposition, multiple| {
                     if let Some(audit) = audit.borrow_mut().as_mut() {
                         audit.flush();
                     }
-                    send_frame(consumer, delivery, disposition, multiple)
+                    send_frame(consumer, held.delivery, disposition, multiple)
                 },
             )
             .map_err(|e| format!("settling deliveries: {e}"))
+    }
+
+    /// Records a final state the broker is not told of (its channel is gone, and it drops
+    /// the job): the ledger, the audit trail (flushed at once) and the metrics.
+    fn record_without_frame(&mut self, held: &Held, outcome: Outcome) {
+        let recorder = Recorder {
+            ledger: &mut self.ledger,
+            audit: self.audit.as_mut(),
+            metrics: self.env.metrics.as_ref(),
+            estimates: &self.estimates,
+            default_work_ms: self.policy.defaults.work_ms,
+        };
+        recorder.record(held, outcome);
+        if let Some(audit) = self.audit.as_mut() {
+            audit.flush();
+        }
+    }
+
+    /// Lets go of every delivery still held as the worker stops without waiting for them:
+    /// those past their deadline or expiration are recorded (RabbitMQ drops them when the
+    /// connection closes); returns how many others go back to the queue unsettled.
+    fn let_go(&mut self, now: u64) -> u64 {
+        let mut unsettled = 0;
+        let mut dropped = Vec::new();
+        self.window.abandon(|held, decision| {
+            if past(held.keep_until_ms, now) {
+                let handed_back = decision.unwrap_or(Outcome::Requeued);
+                let outcome = in_time(handed_back, held.keep_until_ms, now);
+                dropped.push((held, outcome));
+            } else {
+                unsettled += 1;
+            }
+        });
+        for (held, outcome) in &dropped {
+            self.record_without_frame(held, *outcome);
+        }
+        unsettled
     }
 
     /// Stops without waiting for running jobs: what is decided is sent, what runs goes back to
@@ -903,10 +1131,13 @@ impl Worker<'_, '_> {
     }
 
     fn warn_malformed(&mut self, delivery: &Delivery, why: &job::Malformed) {
-        self.malformed_warnings.warn(|| {
-            let id = delivery.properties.message_id().as_deref();
-            format!("malformed job {:?}: {why}", id.unwrap_or("(no message_id)"))
-        });
+        let id = delivery
+            .properties
+            .message_id()
+            .as_deref()
+            .unwrap_or("(no message_id)");
+        self.malformed_warnings
+            .warn_about(&why.to_string(), id, || format!("malformed job {id:?}: {why}"));
     }
 
     /// Stops taking jobs: cancels the consumer and hands unstarted jobs back to the queue.
@@ -1015,8 +1246,9 @@ impl Worker<'_, '_> {
             line.push_str(&format!(" skip_rate_by_type={}", own.join(",")));
         }
         line.push_str(&format!(
-            " paused={} concurrency={} deadline_aware={} shed_objective={}",
+            " paused={} handler_unavailable={} concurrency={} deadline_aware={} shed_objective={}",
             u8::from(self.paused),
+            u8::from(self.unavailable.is_some()),
             self.gate.limit(),
             u8::from(
                 self.env

@@ -55,9 +55,12 @@ pub(super) struct Completion {
     pub(super) slack_ms: Option<u64>,
     /// Finish minus deadline, for jobs that finished late.
     pub(super) lateness_ms: Option<u64>,
-    /// Why the handler failed or asked for a retry, for the consumer thread's (throttled)
-    /// warning.
+    /// Why the handler failed, timed out, asked for a retry or found its service
+    /// unavailable, for the consumer thread's (throttled) warning and its hold of intake.
     pub(super) failure: Option<HandlerError>,
+    /// Until when the job may go back to the queue ([`job::keep_until_ms`]), for deciding
+    /// whether a retry can still come in time.
+    pub(super) keep_until_ms: Option<u64>,
 }
 
 pub(super) fn start_pool(
@@ -120,6 +123,7 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
         slack_ms: None,
         lateness_ms: None,
         failure: None,
+        keep_until_ms: job::keep_until_ms(&task.meta, &task.properties),
     };
     let budgeted = JobMeta {
         work_ms: task.budget_ms,
@@ -160,7 +164,18 @@ fn run_task(task: &Task, handler: &dyn Handler) -> Completion {
             });
             completion.wait_ms = Some(started_ms.saturating_sub(task.meta.created_ms));
             completion.outcome = match result {
-                Err(HandlerError::TimedOut) => Outcome::TimedOut,
+                Err(e @ HandlerError::TimedOut) => {
+                    completion.failure = Some(e);
+                    Outcome::TimedOut
+                }
+                Err(e @ HandlerError::Unavailable(_)) => {
+                    // Nothing ran: the job goes back (or fails, as the consumer thread's
+                    // policy says), and counts as no work and no wait.
+                    completion.failure = Some(e);
+                    completion.worked_ms = 0;
+                    completion.wait_ms = None;
+                    Outcome::Requeued
+                }
                 Err(e @ HandlerError::Retry(_)) => {
                     completion.failure = Some(e);
                     if task.properties.message_id().is_none() {
@@ -302,6 +317,23 @@ mod tests {
             completion.failure.map(|e| e.to_string()).as_deref(),
             Some("downstream refused")
         );
+    }
+
+    #[test]
+    fn an_unavailable_service_hands_the_job_back_as_not_run() {
+        struct Down;
+        impl Handler for Down {
+            fn handle(&self, _: &Job<'_>) -> Result<(), HandlerError> {
+                Err(HandlerError::Unavailable("Connection Failed: refused".into()))
+            }
+        }
+        let completion = run_task(&task(Some(60_000), 0), &Down);
+        assert_eq!(completion.outcome, Outcome::Requeued);
+        assert_eq!(completion.wait_ms, None, "not counted as run");
+        assert!(matches!(
+            completion.failure,
+            Some(HandlerError::Unavailable(_))
+        ));
     }
 
     #[test]

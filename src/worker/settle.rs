@@ -1,11 +1,51 @@
 //! How an outcome is told to RabbitMQ: which outcomes are acked, rejected or requeued, and
-//! the frame that carries a run of them.
+//! the frame that carries a run of them; and the rule that keeps every received job's final
+//! state in the ledger: a job is never handed back to the queue past its deadline or its
+//! expiration (RabbitMQ would drop it with no final state recorded anywhere), it ends
+//! `expired` here instead ([`in_time`]).
 
 use crate::ack_window::Disposition;
 use crate::config::ShedAction;
+use crate::handler::estimate::TypeSlot;
 use crate::job;
 use crate::ledger::Outcome;
 use amiquip::{AmqpProperties, Consumer, Delivery};
+
+/// A delivery the consumer thread holds until it is settled.
+pub(super) struct Held {
+    pub(super) delivery: Delivery,
+    /// Its job type's slot, for counting its outcome.
+    pub(super) slot: TypeSlot,
+    /// Until when it may be handed back to the queue ([`job::keep_until_ms`]); `None`: any
+    /// time.
+    pub(super) keep_until_ms: Option<u64>,
+}
+
+impl Held {
+    /// A delivery to hold, with its hand-back limit.
+    pub(super) fn new(delivery: Delivery, slot: TypeSlot, keep_until_ms: Option<u64>) -> Held {
+        Held {
+            delivery,
+            slot,
+            keep_until_ms,
+        }
+    }
+}
+
+/// What `outcome` becomes when the worker lets go of a job at `now_ms`: a hand-back
+/// (`retried`, `requeued`) of a job whose deadline or expiration has passed is `expired`,
+/// settled as the shed action says; any other outcome stays.
+pub(super) fn in_time(outcome: Outcome, keep_until_ms: Option<u64>, now_ms: u64) -> Outcome {
+    match outcome {
+        Outcome::Retried | Outcome::Requeued if past(keep_until_ms, now_ms) => Outcome::Expired,
+        other => other,
+    }
+}
+
+/// Whether a job that may be handed back until `keep_until_ms` may no longer be at `now_ms`.
+pub(super) fn past(keep_until_ms: Option<u64>, now_ms: u64) -> bool {
+    keep_until_ms.is_some_and(|until| now_ms >= until)
+}
 
 /// A quorum queue's count of a job's earlier deliveries.
 const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
@@ -90,6 +130,18 @@ mod tests {
             delivery_count(&kept_for_settling(&AmqpProperties::default())),
             0
         );
+    }
+
+    #[test]
+    fn a_hand_back_past_the_keep_until_is_expired_and_nothing_else_changes() {
+        for outcome in [Outcome::Retried, Outcome::Requeued] {
+            assert_eq!(in_time(outcome, Some(100), 100), Outcome::Expired);
+            assert_eq!(in_time(outcome, Some(100), 99), outcome);
+            assert_eq!(in_time(outcome, None, u64::MAX), outcome);
+        }
+        for outcome in Outcome::ALL.into_iter().filter(|o| o.is_final()) {
+            assert_eq!(in_time(outcome, Some(1), 100), outcome);
+        }
     }
 
     #[test]

@@ -48,26 +48,41 @@ impl Reply {
 
 type Responder = dyn Fn(&Request) -> Reply + Send + Sync;
 
-/// A server on a free loopback port, stopped when dropped.
+/// A server on a loopback port, stopped when dropped: it stops listening and closes every
+/// connection it accepted, as a service that exits does.
 pub struct HttpServer {
     port: u16,
     requests: Arc<Mutex<Vec<Request>>>,
     connections: Arc<AtomicUsize>,
     stopped: Arc<AtomicBool>,
+    /// Every connection accepted, to close them all at drop.
+    open: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl HttpServer {
+    /// A server on a free port.
     pub fn start(reply: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> HttpServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        HttpServer::start_on(0, reply)
+    }
+
+    /// A server on `port` (0: a free one), e.g. the port of a server stopped earlier, as a
+    /// restarted service comes back on its address.
+    pub fn start_on(
+        port: u16,
+        reply: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> HttpServer {
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind a loopback port");
         let port = listener.local_addr().expect("local address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let stopped = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
         let reply: Arc<Responder> = Arc::new(reply);
-        let (seen, count, stop) = (
+        let (seen, count, stop, accepted) = (
             Arc::clone(&requests),
             Arc::clone(&connections),
             Arc::clone(&stopped),
+            Arc::clone(&open),
         );
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -76,6 +91,9 @@ impl HttpServer {
                 }
                 let Ok(stream) = stream else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
+                if let Ok(copy) = stream.try_clone() {
+                    accepted.lock().expect("connections lock").push(copy);
+                }
                 let (seen, reply) = (Arc::clone(&seen), Arc::clone(&reply));
                 std::thread::spawn(move || serve(stream, &seen, reply.as_ref()));
             }
@@ -85,7 +103,12 @@ impl HttpServer {
             requests,
             connections,
             stopped,
+            open,
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -107,6 +130,9 @@ impl Drop for HttpServer {
         self.stopped.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
+        for connection in self.open.lock().expect("connections lock").drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -166,4 +192,37 @@ fn serve(stream: TcpStream, seen: &Mutex<Vec<Request>>, reply: &Responder) {
             return;
         }
     }
+}
+
+/// A listener whose accept queue is full: it never accepts, and its one queued connection is
+/// taken, so the kernel drops every new connection attempt (SYN) and the client waits.
+/// Returns it with the port and the connections that fill it, which must stay open.
+pub fn full_listener() -> (std::net::TcpListener, u16, Vec<std::net::TcpStream>) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns; the address is a valid
+    // sockaddr_in for the duration of each call.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut address: libc::sockaddr_in = std::mem::zeroed();
+        address.sin_family = libc::AF_INET as libc::sa_family_t;
+        address.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(fd, (&raw const address).cast(), size);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        // A backlog of 0: the queue holds one connection.
+        assert_eq!(libc::listen(fd, 0), 0, "listen");
+        std::net::TcpListener::from_raw_fd(fd)
+    };
+    let address = listener.local_addr().expect("local address");
+    let mut filling = Vec::new();
+    loop {
+        match std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_millis(300))
+        {
+            Ok(stream) => filling.push(stream),
+            Err(_) => break,
+        }
+        assert!(filling.len() < 64, "the accept queue never filled");
+    }
+    (listener, address.port(), filling)
 }
