@@ -198,7 +198,8 @@ fn stop_at_deadline(what: &str, ignore_term: bool, kill_grace_ms: u64) -> Stoppe
         .set("worker", "default_work_ms", "10")
         .write(&dir, "flagshed.toml");
     let mut worker = start(&config);
-    let deadline_in = 800;
+    // Room for both scripts to set their traps on a busy machine before the deadline.
+    let deadline_in = 2_000;
     // Taken before the job's own deadline is: never later than it.
     let deadline = Instant::now() + Duration::from_millis(deadline_in);
     let properties = job_due("sleeper", deadline_in);

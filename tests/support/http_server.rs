@@ -71,7 +71,22 @@ impl HttpServer {
         port: u16,
         reply: impl Fn(&Request) -> Reply + Send + Sync + 'static,
     ) -> HttpServer {
-        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind a loopback port");
+        // A server stopped a moment ago lets go of its port when its accept thread sees the
+        // stop, which may not have happened yet: wait for the port rather than fail.
+        let started = std::time::Instant::now();
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(listener) => break listener,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && port != 0
+                        && started.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("bind a loopback port: {e}"),
+            }
+        };
         let port = listener.local_addr().expect("local address").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
