@@ -158,19 +158,21 @@ fn assert_shorts_expired(setup: &Setup, ledger: &Ledger, shorts: &[String]) {
     assert_eq!(setup.broker.ready_count(&setup.queue), 0);
 }
 
+/// A worker whose exec handler asks for every job to be retried later (exit status 75).
+fn always_later(setup: &Setup) -> TestConfig {
+    let later = setup.dir.write("later.sh", "#!/bin/sh\nexit 75\n");
+    std::fs::set_permissions(&later, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    setup.config().set("handler", "kind", "\"exec\"").set(
+        "handler",
+        "command",
+        &format!("[{}]", toml_str(&later.display().to_string())),
+    )
+}
+
 #[test]
 fn a_retry_that_would_come_after_the_expiration_ends_expired() {
     let setup = Setup::new("handback-retry");
-    let later = setup.dir.write("later.sh", "#!/bin/sh\nexit 75\n");
-    std::fs::set_permissions(&later, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let config = setup
-        .config()
-        .set("handler", "kind", "\"exec\"")
-        .set(
-            "handler",
-            "command",
-            &format!("[{}]", toml_str(&later.display().to_string())),
-        )
+    let config = always_later(&setup)
         .set("handler", "max_retries", "100")
         .set("handler", "retry_delay_ms", "400")
         .write(&setup.dir, "flagshed.toml");
@@ -201,16 +203,7 @@ fn a_retry_that_would_come_after_the_expiration_ends_expired() {
 #[test]
 fn a_retry_delay_longer_than_the_time_left_ends_the_job_at_once() {
     let setup = Setup::new("handback-retry-long");
-    let later = setup.dir.write("later.sh", "#!/bin/sh\nexit 75\n");
-    std::fs::set_permissions(&later, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let config = setup
-        .config()
-        .set("handler", "kind", "\"exec\"")
-        .set(
-            "handler",
-            "command",
-            &format!("[{}]", toml_str(&later.display().to_string())),
-        )
+    let config = always_later(&setup)
         .set("handler", "retry_delay_ms", "2000")
         .write(&setup.dir, "flagshed.toml");
     let mut worker = start(&config);
