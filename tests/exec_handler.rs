@@ -4,12 +4,12 @@
 
 mod support;
 
-use amiquip::{AmqpProperties, AmqpValue, FieldTable};
+use amiquip::{AmqpProperties, AmqpValue};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::broker::{TestBroker, now_ms, unique_name};
+use support::broker::{TestBroker, now_ms, timing_headers, unique_name};
 use support::daemon::{Bin, Daemon, Ledger, TempDir, TestConfig, toml_str};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -35,14 +35,7 @@ fn job(id: &str) -> AmqpProperties {
 
 /// A job whose deadline is `in_ms` from now.
 fn job_due(id: &str, in_ms: u64) -> AmqpProperties {
-    let now = now_ms();
-    let mut headers = FieldTable::new();
-    headers.insert("x-created-ms".into(), AmqpValue::LongLongInt(now as i64));
-    headers.insert(
-        "x-deadline-ms".into(),
-        AmqpValue::LongLongInt((now + in_ms) as i64),
-    );
-    job(id).with_headers(headers)
+    job(id).with_headers(timing_headers(now_ms(), in_ms))
 }
 
 fn start(config: &Path) -> Daemon {
@@ -542,15 +535,7 @@ fn the_child_sees_the_jobs_facts_and_none_of_the_daemons_environment() {
     );
     worker.wait_for_line("consuming from queue", WAIT);
     let created = now_ms();
-    let mut headers = FieldTable::new();
-    headers.insert(
-        "x-created-ms".into(),
-        AmqpValue::LongLongInt(created as i64),
-    );
-    headers.insert(
-        "x-deadline-ms".into(),
-        AmqpValue::LongLongInt(created as i64 + 60_000),
-    );
+    let mut headers = timing_headers(created, 60_000);
     headers.insert("x-tenant".into(), AmqpValue::LongString("acme".into()));
     let properties = job("env-1")
         .with_type_("thumbnail".into())
@@ -604,12 +589,7 @@ fn the_work_estimate_per_type_follows_a_change_in_work_time() {
     let queue = unique_name("exec-estimate");
     broker.owns_queue(&queue);
     let dir = TempDir::new("exec-estimate");
-    let sleeper = script(
-        &dir,
-        "sleep-ms.sh",
-        r#"read ms
-exec sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))""#,
-    );
+    let sleeper = sleeper_script(&dir);
     let config = exec_config(&queue, &[sleeper.to_str().expect("utf-8 path")])
         .set("worker", "concurrency", "4")
         .set("worker", "estimate_quantile", "0.9")
@@ -644,14 +624,19 @@ exec sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))""#,
     assert_eq!(ledger.get("done"), 48, "{ledger:?}");
 }
 
-/// The sleeper script and a worker config that runs it, learning work times quickly.
-fn sleeper_worker(dir: &TempDir, queue: &str) -> TestConfig {
-    let sleeper = script(
+/// A script that sleeps for the milliseconds in the job's body: work only the job knows.
+fn sleeper_script(dir: &TempDir) -> PathBuf {
+    script(
         dir,
         "sleep-ms.sh",
         r#"read ms
 exec sleep "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))""#,
-    );
+    )
+}
+
+/// A worker config that runs the sleeper script, learning work times quickly.
+fn sleeper_worker(dir: &TempDir, queue: &str) -> TestConfig {
+    let sleeper = sleeper_script(dir);
     exec_config(queue, &[sleeper.to_str().expect("utf-8 path")])
         .set("worker", "concurrency", "2")
         .set("worker", "default_work_ms", "100")

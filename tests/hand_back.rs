@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use support::broker::{TestBroker, now_ms, unique_name};
+use support::broker::{TestBroker, now_ms, timing_headers, unique_name};
 use support::daemon::{
     Bin, Daemon, Ledger, TempDir, TestConfig, final_states, ledger_lines, toml_str,
 };
@@ -27,15 +27,7 @@ const TTL_MS: u64 = 1_500;
 /// delivered again.
 fn expiring_job(id: &str, work_ms: u64) -> (AmqpProperties, u64) {
     let created = now_ms();
-    let mut headers = FieldTable::new();
-    headers.insert(
-        "x-created-ms".into(),
-        AmqpValue::LongLongInt(created as i64),
-    );
-    headers.insert(
-        "x-deadline-ms".into(),
-        AmqpValue::LongLongInt((created + TTL_MS) as i64),
-    );
+    let mut headers = timing_headers(created, TTL_MS);
     headers.insert("x-work-ms".into(), AmqpValue::LongLongInt(work_ms as i64));
     let properties = AmqpProperties::default()
         .with_message_id(id.to_owned())

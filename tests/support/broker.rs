@@ -256,6 +256,20 @@ pub fn now_ms() -> u64 {
     flagshed::clock::now_ms()
 }
 
+/// The timing headers a producer sets: `x-created-ms`, and `x-deadline-ms` `ttl_ms` after it.
+pub fn timing_headers(created_ms: u64, ttl_ms: u64) -> FieldTable {
+    let mut headers = FieldTable::new();
+    headers.insert(
+        "x-created-ms".into(),
+        AmqpValue::LongLongInt(created_ms as i64),
+    );
+    headers.insert(
+        "x-deadline-ms".into(),
+        AmqpValue::LongLongInt((created_ms + ttl_ms) as i64),
+    );
+    headers
+}
+
 /// Closes, from the broker's side, every connection whose client properties contain `needle`
 /// (the daemons name theirs `taskworker queue=Q pid=P`); returns how many it closed. This is
 /// what an operator's `rabbitmqctl close_connection` or a broker failover does to a client.
